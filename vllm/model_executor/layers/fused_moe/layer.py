@@ -1,0 +1,156 @@
+"""FusedMoE: the routed experts of one MoE layer.
+
+Holds this rank's expert weights (stacked: w13 [E, 2I, H], w2 [E, H, I]),
+the global->local expert map under expert parallelism, the router settings,
+and a quant method that runs the modular kernel. The ``lora_context`` is an
+explicit argument of ``forward`` and travels unchanged to the experts.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from vllm.distributed.parallel_state import ParallelContext
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, MoEActivation
+from vllm.model_executor.layers.fused_moe.method import (FusedMoEMethodBase,
+                                                         UnquantizedFusedMoEMethod)
+from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_experts
+from vllm.model_executor.layers.linear import WeightShapeError, copy_checked
+
+if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
+
+
+def expert_placement(num_experts: int, ep_size: int, ep_rank: int, strategy: str) -> list[int]:
+    """Global ids of the experts that live on ``ep_rank``.
+
+    linear: contiguous ranges (the first ``E % ep_size`` ranks take one
+    extra); round_robin: every ``ep_size``-th expert starting at the rank.
+    """
+    if strategy == "round_robin":
+        return list(range(ep_rank, num_experts, ep_size))
+    if strategy != "linear":
+        raise ValueError(f"unknown expert placement strategy {strategy!r}")
+    base, extra = divmod(num_experts, ep_size)
+    start = ep_rank * base + min(ep_rank, extra)
+    return list(range(start, start + base + (1 if ep_rank < extra else 0)))
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 *, params_dtype: torch.dtype, router: RouterConfig,
+                 parallel: ParallelContext | None = None,
+                 activation: MoEActivation = MoEActivation(), has_bias: bool = False,
+                 has_correction_bias: bool = False, moe_backend: str = "auto",
+                 lora_enabled: bool = False, device: str = "cpu",
+                 quant_method: FusedMoEMethodBase | None = None):
+        super().__init__()
+        self.parallel = parallel or ParallelContext.single()
+        p = self.parallel
+        if intermediate_size % p.moe_tp_size:
+            raise ValueError(f"moe intermediate size {intermediate_size} is not divisible by "
+                             f"tensor parallel size {p.moe_tp_size}")
+        if num_experts < p.ep_size:
+            raise ValueError(f"{num_experts} experts cannot be split over {p.ep_size} ranks")
+        self.local_experts = expert_placement(num_experts, p.ep_size, p.ep_rank,
+                                              p.expert_placement_strategy)
+        if p.ep_size > 1:
+            expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+            expert_map[self.local_experts] = torch.arange(len(self.local_experts), dtype=torch.int32)
+            self.register_buffer("expert_map", expert_map, persistent=False)
+        else:
+            self.expert_map = None
+        self.router = router
+        self.moe_backend = moe_backend
+        self.lora_enabled = lora_enabled
+        self.quant_method = quant_method or UnquantizedFusedMoEMethod()
+        self.moe_config = FusedMoEConfig(
+            num_experts=num_experts, num_local_experts=len(self.local_experts), top_k=top_k,
+            hidden_size=hidden_size, intermediate_size=intermediate_size // p.moe_tp_size,
+            activation=activation, has_bias=has_bias, dtype=params_dtype, device=device,
+            tp_rank=p.moe_tp_rank, tp_size=p.moe_tp_size, ep_rank=p.ep_rank, ep_size=p.ep_size,
+            quant_scheme=self.quant_method.scheme)
+        self.quant_method.create_weights(self)
+        if has_correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts),
+                                                        requires_grad=False)
+        else:
+            self.e_score_correction_bias = None
+        self.quant_method.build_kernel(self)
+
+    # -- loading ----------------------------------------------------------------
+    def local_index(self, expert_id: int) -> int | None:
+        if self.expert_map is None:
+            return expert_id if 0 <= expert_id < self.moe_config.num_experts else None
+        local = int(self.expert_map[expert_id])
+        return None if local < 0 else local
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str,
+                      expert_id: int) -> None:
+        """Copy one expert's on-disk tensor into its slot of a stacked param.
+
+        shard_id: "w1" (gate, [I, H]), "w3" (up, [I, H]), "w13" (gate and up
+        fused in this layer's layout, [2I, H]) or "w2" (down, [H, I]); the
+        same ids with 1-D tensors load biases. Experts of other ranks are
+        skipped; this rank's slice of the intermediate dim is taken.
+        """
+        if not 0 <= expert_id < self.moe_config.num_experts:
+            raise WeightShapeError(f"expert id {expert_id} out of range "
+                                   f"(the model has {self.moe_config.num_experts} experts)")
+        local = self.local_index(expert_id)
+        if local is None:
+            return
+        cfg = self.moe_config
+        I, rank, tp = cfg.intermediate_size, cfg.tp_rank, cfg.tp_size
+        target = param.data[local]
+        interleaved = cfg.activation.interleaved
+        if shard_id in ("w1", "w3"):
+            _check_rows(loaded, I * tp, shard_id)
+            part = loaded.narrow(0, rank * I, I)
+            first = shard_id == "w1"
+            dest = target[0 if first else 1::2] if interleaved else target[0:I] if first else target[I:]
+            copy_checked(dest, part)
+        elif shard_id == "w13":
+            _check_rows(loaded, 2 * I * tp, shard_id)
+            if interleaved:
+                part = loaded.narrow(0, rank * 2 * I, 2 * I)
+            else:
+                half = I * tp
+                part = torch.cat([loaded[:half].narrow(0, rank * I, I),
+                                  loaded[half:].narrow(0, rank * I, I)])
+            copy_checked(target, part)
+        elif shard_id == "w2":
+            if loaded.dim() == 1:  # bias: added by one rank only when ranks split I
+                copy_checked(target, loaded if rank == 0 else torch.zeros_like(loaded))
+            else:
+                if loaded.shape[-1] != I * tp:
+                    raise WeightShapeError(f"w2 shape {tuple(loaded.shape)} does not match the "
+                                           f"expected {(cfg.hidden_size, I * tp)}")
+                copy_checked(target, loaded.narrow(1, rank * I, I))
+        else:
+            raise ValueError(f"unknown expert shard id {shard_id!r}")
+
+    # -- compute ----------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                lora_context: "MoELoRAContext | None" = None) -> torch.Tensor:
+        topk_weights, topk_ids = select_experts(router_logits, self.router,
+                                                self.e_score_correction_bias)
+        out = self.quant_method.apply(self, hidden_states, topk_weights, topk_ids,
+                                      lora_context=lora_context)
+        if self.parallel.tp.world_size > 1:
+            out = self.parallel.tp.all_reduce(out)
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.moe_config
+        return (f"experts={c.num_local_experts}/{c.num_experts}, top_k={c.top_k}, "
+                f"hidden={c.hidden_size}, intermediate={c.intermediate_size}, "
+                f"backend={type(self.quant_method.kernel.experts).__name__}")
+
+
+def _check_rows(loaded: torch.Tensor, rows: int, shard_id: str) -> None:
+    if loaded.shape[0] != rows:
+        raise WeightShapeError(f"{shard_id} shape {tuple(loaded.shape)} does not match the "
+                               f"expected {rows} rows")

@@ -1,0 +1,76 @@
+"""MoE quant methods: create the expert parameters of a FusedMoE layer and
+run them through a FusedMoEKernel. Quantized schemes subclass
+``FusedMoEMethodBase`` in vllm/model_executor/quantization/."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights, FusedMoEExperts
+from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernel
+from vllm.model_executor.layers.fused_moe.oracle import select_experts_backend
+from vllm.model_executor.layers.fused_moe.prepare_finalize import NoEPPrepareAndFinalize
+from vllm.model_executor.layers.linear import set_weight_attrs
+
+if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
+    from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+
+
+class FusedMoEMethodBase(ABC):
+    scheme: str = ""
+    kernel: FusedMoEKernel
+
+    @abstractmethod
+    def create_weights(self, layer: "FusedMoE") -> None: ...
+
+    @abstractmethod
+    def expert_weights(self, layer: "FusedMoE") -> ExpertWeights: ...
+
+    @abstractmethod
+    def backends(self) -> tuple[type[FusedMoEExperts], ...]: ...
+
+    def build_kernel(self, layer: "FusedMoE") -> None:
+        cls = select_experts_backend(layer.moe_config, self.backends(), layer.moe_backend,
+                                     layer.lora_enabled)
+        self.kernel = FusedMoEKernel(NoEPPrepareAndFinalize(), cls(layer.moe_config))
+
+    def process_weights_after_loading(self, layer: "FusedMoE") -> None:
+        return None
+
+    def apply(self, layer: "FusedMoE", hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, lora_context: "MoELoRAContext | None" = None) -> torch.Tensor:
+        return self.kernel.forward(hidden_states, self.expert_weights(layer), topk_weights,
+                                   topk_ids, expert_map=layer.expert_map,
+                                   lora_context=lora_context)
+
+
+def new_param(shape: tuple[int, ...], dtype: torch.dtype, loader) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    set_weight_attrs(param, {"weight_loader": loader})
+    return param
+
+
+class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
+    scheme = "unquantized"
+
+    def create_weights(self, layer: "FusedMoE") -> None:
+        cfg = layer.moe_config
+        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        dtype, loader = cfg.dtype, layer.weight_loader
+        layer.w13_weight = new_param((E, 2 * I, H), dtype, loader)
+        layer.w2_weight = new_param((E, H, I), dtype, loader)
+        if cfg.has_bias:
+            layer.w13_bias = new_param((E, 2 * I), dtype, loader)
+            layer.w2_bias = new_param((E, H), dtype, loader)
+
+    def expert_weights(self, layer: "FusedMoE") -> ExpertWeights:
+        return ExpertWeights(layer.w13_weight, layer.w2_weight,
+                             getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None))
+
+    def backends(self):
+        from vllm.model_executor.layers.fused_moe.oracle import unquantized_backends
+        return unquantized_backends()

@@ -1,0 +1,71 @@
+"""Block alignment of routed tokens for the grouped expert GEMMs.
+
+``moe_align_block_size`` sorts the T*k (token, expert) pairs by expert and
+pads each expert's run to a multiple of ``block_size``, so that every block
+of ``block_size`` rows of a GEMM belongs to one expert. The LoRA variant
+does the same separately for each adapter slot, over the pairs whose token
+runs with that slot.
+
+Exact output contract (the Triton and native versions reproduce it bit for
+bit): pair index ``i = t * k + j``; experts in increasing order; within an
+expert, pairs in increasing ``i``; padding and the unused tail hold the
+sentinel ``T * k``; ``expert_ids`` has one entry per block, -1 for unused
+blocks; pairs with expert id -1 (experts on another rank) are dropped.
+Buffers have static sizes (``max_padded_pairs``) so CUDA graphs can capture.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def max_padded_pairs(num_pairs: int, num_experts: int, block_size: int) -> int:
+    padded = num_pairs + num_experts * (block_size - 1)
+    return -(-padded // block_size) * block_size
+
+
+def moe_align_block_size_torch(topk_ids: torch.Tensor, block_size: int, num_experts: int,
+                               pair_mask: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (sorted_pair_ids [P] int32, expert_ids [P // block_size] int32,
+    num_pairs_post_padded [1] int32), P = max_padded_pairs(T*k, E, block_size).
+
+    ``pair_mask`` [T*k] bool keeps only some pairs (the LoRA variant)."""
+    flat = topk_ids.reshape(-1).long()
+    num_pairs = flat.numel()
+    device = topk_ids.device
+    P = max_padded_pairs(num_pairs, num_experts, block_size)
+    sorted_ids = torch.full((P,), num_pairs, dtype=torch.int32, device=device)
+    expert_ids = torch.full((P // block_size,), -1, dtype=torch.int32, device=device)
+    keep = flat >= 0
+    if pair_mask is not None:
+        keep &= pair_mask
+    pairs = torch.nonzero(keep).squeeze(1)
+    experts = flat[pairs]
+    # stable sort by expert keeps pairs in increasing index within an expert
+    order = torch.sort(experts, stable=True).indices
+    pairs, experts = pairs[order], experts[order]
+    counts = torch.bincount(experts, minlength=num_experts)
+    padded = (counts + block_size - 1) // block_size * block_size
+    starts = torch.cumsum(padded, 0) - padded
+    run_starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(pairs.numel(), device=device) - run_starts[experts]
+    sorted_ids[starts[experts] + rank_in_expert] = pairs.to(torch.int32)
+    blocks_per_expert = padded // block_size
+    expert_ids[:int(blocks_per_expert.sum())] = torch.repeat_interleave(
+        torch.arange(num_experts, device=device, dtype=torch.int32), blocks_per_expert)
+    total = padded.sum().to(torch.int32).reshape(1)
+    return sorted_ids, expert_ids, total
+
+
+def moe_lora_align_block_size_torch(topk_ids: torch.Tensor, token_lora_slot: torch.Tensor,
+                                    block_size: int, num_experts: int, max_loras: int
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per adapter slot s, the alignment of the pairs whose token has slot s.
+    -> (sorted_pair_ids [L, P], expert_ids [L, P // block_size],
+    num_pairs_post_padded [L]); tokens with slot -1 (no adapter) appear nowhere."""
+    k = topk_ids.shape[1]
+    pair_slot = token_lora_slot.long().repeat_interleave(k)
+    results = [moe_align_block_size_torch(topk_ids, block_size, num_experts, pair_slot == s)
+               for s in range(max_loras)]
+    return (torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results]),
+            torch.cat([r[2] for r in results]))

@@ -1,0 +1,56 @@
+"""Top-k expert selection: softmax or sigmoid scores, optional score
+correction bias and grouped selection, renormalisation and scaling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    top_k: int
+    scoring: str = "softmax"             # "softmax" or "sigmoid"
+    renormalize: bool = True
+    num_expert_groups: int = 1           # > 1: pick ``topk_groups`` groups first
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+
+
+def select_experts(router_logits: torch.Tensor, cfg: RouterConfig,
+                   correction_bias: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_weights float32 [T, k], topk_ids int32 [T, k]).
+
+    The correction bias (DeepSeek-V3 / GLM-4.5) only steers which experts are
+    chosen; the weights come from the unbiased scores.
+    """
+    logits = router_logits.float()
+    if cfg.scoring == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif cfg.scoring == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        raise ValueError(f"unknown router scoring {cfg.scoring!r}")
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if cfg.num_expert_groups > 1:
+        T, E = choice.shape
+        groups = choice.view(T, cfg.num_expert_groups, E // cfg.num_expert_groups)
+        if correction_bias is None:
+            group_scores = groups.max(dim=-1).values
+        else:
+            group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
+        keep = group_scores.topk(cfg.topk_groups, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0)
+        choice = choice.masked_fill(
+            group_mask.repeat_interleave(E // cfg.num_expert_groups, dim=1) == 0, float("-inf"))
+    topk_ids = choice.topk(cfg.top_k, dim=-1).indices
+    topk_weights = scores.gather(1, topk_ids)
+    if cfg.renormalize:
+        denom = topk_weights.sum(dim=-1, keepdim=True)
+        if cfg.scoring == "sigmoid":
+            denom = denom + 1e-20
+        topk_weights = topk_weights / denom
+    if cfg.routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * cfg.routed_scaling_factor
+    return topk_weights, topk_ids.to(torch.int32)
