@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.backend import AttentionBackend
+from vllm.triton_utils import has_triton
 
 logger = init_logger(__name__)
 
@@ -10,7 +11,7 @@ logger = init_logger(__name__)
 def get_attention_backend(name: str, device: str) -> AttentionBackend:
     from vllm.model_executor.layers.attention.torch_ref import TorchAttentionBackend
     if name == "auto":
-        name = "triton" if device == "cuda" and _triton_available() else "torch"
+        name = "triton" if device == "cuda" and has_triton() else "torch"
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
@@ -20,10 +21,3 @@ def get_attention_backend(name: str, device: str) -> AttentionBackend:
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}; choose from auto, torch, triton")
 
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from vllm import envs
+from vllm.triton_utils import has_triton
+
 
 def max_padded_pairs(num_pairs: int, num_experts: int, block_size: int) -> int:
     padded = num_pairs + num_experts * (block_size - 1)
@@ -69,3 +72,41 @@ def moe_lora_align_block_size_torch(topk_ids: torch.Tensor, token_lora_slot: tor
                for s in range(max_loras)]
     return (torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results]),
             torch.cat([r[2] for r in results]))
+
+
+def _use_triton(topk_ids: torch.Tensor) -> bool:
+    impl = envs.VLLM_MOE_OPS_IMPL
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not has_triton():
+            raise RuntimeError("VLLM_MOE_OPS_IMPL=triton but triton is not installed")
+        return True
+    # "native" has no kernels yet and falls back like "auto"
+    if impl not in ("auto", "native"):
+        raise ValueError(f"unknown VLLM_MOE_OPS_IMPL {impl!r}; choose from auto, native, "
+                         f"triton, torch")
+    return topk_ids.is_cuda and has_triton()
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moe_align_block_size_torch`` through the fastest implementation here."""
+    if _use_triton(topk_ids):
+        from vllm.model_executor.layers.fused_moe.kernels.moe_align_triton import (
+            moe_align_block_size_triton)
+        return moe_align_block_size_triton(topk_ids, block_size, num_experts)
+    return moe_align_block_size_torch(topk_ids, block_size, num_experts)
+
+
+def moe_lora_align_block_size(topk_ids: torch.Tensor, token_lora_slot: torch.Tensor,
+                              block_size: int, num_experts: int, max_loras: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moe_lora_align_block_size_torch`` through the fastest implementation here."""
+    if _use_triton(topk_ids):
+        from vllm.model_executor.layers.fused_moe.kernels.moe_align_triton import (
+            moe_lora_align_block_size_triton)
+        return moe_lora_align_block_size_triton(topk_ids, token_lora_slot, block_size,
+                                                num_experts, max_loras)
+    return moe_lora_align_block_size_torch(topk_ids, token_lora_slot, block_size, num_experts,
+                                           max_loras)

@@ -50,5 +50,5 @@ class TorchReferenceExperts(FusedMoEExperts):
         self.apply_w2_lora(lora_context, cache2, cache3, topk_weights, alignment,
                            mul_routed_weight=False)
 
-        weighted = cache3.view(T, k, -1) * topk_weights.to(cache3.dtype).unsqueeze(-1)
+        weighted = cache3.view(T, k, self.moe.hidden_size) * topk_weights.to(cache3.dtype).unsqueeze(-1)
         output.copy_(weighted.sum(dim=1))

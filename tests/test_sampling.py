@@ -1,0 +1,147 @@
+"""Sampling semantics: seeds, top-k/p, stops, logprobs, penalties, n."""
+import math
+
+import pytest
+import torch
+
+from tests.utils import PROMPTS, hf_logits, model_dir
+from vllm import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return model_dir(str(tmp_path_factory.getbasetemp()), "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    return LLM(path, dtype="float32", max_model_len=256)
+
+
+def tokens(outputs):
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    batched = llm.generate(PROMPTS[:4], params, use_tqdm=False)
+    assert tokens(alone)[0] == tokens(batched)[0]
+    other = llm.generate(PROMPTS[:1], SamplingParams(temperature=1.0, seed=99, max_tokens=10,
+                                                     ignore_eos=True), use_tqdm=False)
+    assert tokens(other) != tokens(alone)
+
+
+def test_top_k_one_equals_greedy(llm):
+    greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)
+    top1 = llm.generate(PROMPTS, SamplingParams(temperature=0.9, top_k=1, max_tokens=8,
+                                                ignore_eos=True), use_tqdm=False)
+    assert tokens(greedy) == tokens(top1)
+
+
+def test_tiny_top_p_equals_greedy(llm):
+    greedy = llm.generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=8,
+                                                      ignore_eos=True), use_tqdm=False)
+    top_p = llm.generate(PROMPTS[:4], SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=8,
+                                                     ignore_eos=True), use_tqdm=False)
+    assert tokens(greedy) == tokens(top_p)
+
+
+def test_stop_string_cuts_exactly(llm):
+    full = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=16,
+                                                   ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    text = full.text
+    stop = text[5:8]
+    assert stop and stop in text
+    cut = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=16, stop=[stop],
+                                                  ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert cut.text == text[:text.index(stop)]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    kept = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=16, stop=stop,
+                                                   include_stop_str_in_output=True,
+                                                   ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[:text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    full = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12,
+                                                   ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    target = full.token_ids[3]
+    first = full.token_ids.index(target)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12,
+                                                  stop_token_ids=[target], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == full.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == target
+    # min_tokens forbids the stop token before 6 tokens exist
+    late = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, min_tokens=6,
+                                                   stop_token_ids=[target], ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert target not in late.token_ids[:5] and len(late.token_ids) >= 6
+
+
+def test_max_tokens_finish_reason_length(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_logprobs_equal_hf_log_softmax(llm, path):
+    tok = llm.get_tokenizer()
+    out = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=6, logprobs=5,
+                                                  ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    prompt = tok.encode(PROMPTS[2])
+    ref = torch.log_softmax(hf_logits(path, prompt + out.token_ids), dim=-1)[len(prompt) - 1:-1]
+    total = 0.0
+    for step, (entry, token) in enumerate(zip(out.logprobs, out.token_ids)):
+        assert token in entry and len(entry) in (5, 6)
+        top = ref[step].topk(5)
+        assert sorted(entry)[:0] == [] and set(top.indices.tolist()) <= set(entry)
+        for tid, lp in entry.items():
+            assert abs(lp.logprob - ref[step, tid].item()) < 1e-4
+        assert entry[token].rank == 1
+        assert entry[token].decoded_token == tok.decode([token])
+        total += entry[token].logprob
+    assert math.isclose(out.cumulative_logprob, total, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def test_sampled_token_rank_is_reported(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=5.0, seed=3, max_tokens=8,
+                                                  logprobs=0, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    for entry, token in zip(out.logprobs, out.token_ids):
+        assert list(entry) == [token] and entry[token].rank >= 1
+    assert any(entry[t].rank > 1 for entry, t in zip(out.logprobs, out.token_ids))
+
+
+def test_repetition_penalty_changes_greedy_output(llm):
+    base = llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=16,
+                                                   ignore_eos=True), use_tqdm=False)
+    strong = llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=16,
+                                                     repetition_penalty=2.0, presence_penalty=2.0,
+                                                     frequency_penalty=2.0, ignore_eos=True),
+                          use_tqdm=False)
+    ids = strong[0].outputs[0].token_ids
+    assert ids != base[0].outputs[0].token_ids
+    assert len(set(ids)) >= len(set(base[0].outputs[0].token_ids))
+
+
+def test_n_samples_with_seed(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    first = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    again = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    assert [c.index for c in first.outputs] == [0, 1, 2]
+    assert tokens([first]) == tokens([again])
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"min_p": 2}, "min_p"), ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n must"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"logprobs": -1}, "logprobs"),
+])
+def test_invalid_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

@@ -1,0 +1,273 @@
+"""The engine step loop: schedule -> run -> process outputs."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm.config import VllmConfig, load_generation_config
+from vllm.core.kv_cache import BlockManager
+from vllm.core.request import Request, RequestStatus
+from vllm.core.scheduler import ScheduledBatch, Scheduler
+from vllm.engine.detokenizer import IncrementalDetokenizer, token_text
+from vllm.logger import init_logger
+from vllm.lora.request import LoRARequest
+from vllm.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm.sampling_params import SamplingParams
+from vllm.worker.model_runner import ModelRunner
+
+logger = init_logger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses (bad prompt, bad parameters)."""
+
+
+@dataclass
+class ParentRequest:
+    """A request with n > 1 samples, run as n child requests."""
+    request_id: str
+    children: list[Request] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: VllmConfig, progress: bool = True):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        mc = config.model_config
+        self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
+        self.eos_token_ids = self._eos_token_ids(mc.model)
+        torch.manual_seed(mc.seed)
+        self.runner = ModelRunner(config, progress=progress)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.init_kv_cache(num_blocks)
+        config.cache_config.num_blocks = num_blocks
+        self.block_manager = BlockManager(num_blocks, config.cache_config.block_size)
+        lora = config.lora_config
+        self.scheduler = Scheduler(config.scheduler_config, self.block_manager,
+                                   lora.max_loras if lora else None)
+        self.requests: dict[str, Request] = {}
+        self.parents: dict[str, ParentRequest] = {}
+        self._counter = itertools.count()
+        logger.info("engine ready: %s on %s, dtype %s, %d KV blocks of %d tokens",
+                    mc.architecture, config.device_config.device, mc.dtype, num_blocks,
+                    config.cache_config.block_size)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: Any, progress: bool = True) -> "LLMEngine":
+        return cls(engine_args.create_engine_config(), progress=progress)
+
+    def _eos_token_ids(self, model_dir: str) -> set[int]:
+        eos = load_generation_config(model_dir).get("eos_token_id")
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, list) else {eos}
+
+    # -- requests -----------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        mc = self.config.model_config
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = mc.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                      f"(size {vocab})")
+        if len(token_ids) >= mc.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens, but the model's context length "
+                f"(max_model_len) is {mc.max_model_len}; it must leave room for at least one "
+                "generated token")
+        longest = min(len(token_ids) + (params.max_tokens or mc.max_model_len), mc.max_model_len)
+        if self.block_manager.blocks_for(longest) > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"a request of up to {longest} tokens needs "
+                f"{self.block_manager.blocks_for(longest)} KV-cache blocks but the cache has only "
+                f"{self.block_manager.num_blocks}; lower max_tokens or give the cache more memory")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    lora_request: LoRARequest | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests or request_id in self.parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if lora_request is not None and self.config.lora_config is None:
+            raise InvalidRequestError("a LoRA adapter was requested but LoRA is not enabled "
+                                      "(start the engine with enable_lora=True)")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(token_ids, params)
+        params = self._with_stop_ids(params)
+        children = [params] if params.n == 1 else [params.clone_for_child(i)
+                                                    for i in range(params.n)]
+        parent = ParentRequest(request_id) if params.n > 1 else None
+        for i, child_params in enumerate(children):
+            rid = request_id if parent is None else f"{i}_{request_id}"
+            request = Request(rid, text, token_ids, child_params, lora_request,
+                              arrival_time or time.monotonic(),
+                              parent_id=request_id if parent is not None else None, index=i)
+            request.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, token_ids, child_params.skip_special_tokens,
+                child_params.spaces_between_special_tokens)
+            if child_params.seed is not None:
+                request.generator = torch.Generator(device=self.runner.device)
+                request.generator.manual_seed(child_params.seed)
+            self.requests[rid] = request
+            if parent is not None:
+                parent.children.append(request)
+            self.scheduler.add_request(request)
+        if parent is not None:
+            self.parents[request_id] = parent
+
+    def _with_stop_ids(self, params: SamplingParams) -> SamplingParams:
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops |= self.eos_token_ids
+        params.all_stop_token_ids = stops
+        return params
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        for rid in ids:
+            parent = self.parents.pop(rid, None)
+            targets = parent.children if parent else [self.requests.get(rid)]
+            for request in targets:
+                if request is not None and not request.status.finished:
+                    self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+                if request is not None:
+                    self.requests.pop(request.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # -- the step -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        model_input = self.runner.prepare_inputs(batch)
+        sampling_requests = [r for r, n in zip(batch.requests, batch.num_new_tokens)
+                             if r.num_computed_tokens + n == r.num_tokens]
+        sampling = self.runner.sampling_metadata(sampling_requests) if sampling_requests else None
+        result = self.runner.execute(model_input, sampling)
+        return self._process(batch, sampling_requests, result)
+
+    def _process(self, batch: ScheduledBatch, sampled: list[Request], result) -> list[RequestOutput]:
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += n
+        now = time.monotonic()
+        updated: list[Request] = []
+        for row, request in enumerate(sampled):
+            token = result.sampled_token_ids[row]
+            request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
+            if request.logprobs is not None:
+                request.logprobs.append(self._logprob_entry(result, row, token,
+                                                            request.sampling_params.logprobs))
+                request.cumulative_logprob += float(result.sampled_logprobs[row])
+            previous_length = len(request.output_text)
+            request.output_text += request.detokenizer.decode_token(token)
+            status = self._stop_status(request, token, previous_length)
+            if status is RequestStatus.FINISHED_LENGTH:
+                request.output_text += request.detokenizer.flush()
+            if status is not None:
+                self.scheduler.finish(request, status)
+            updated.append(request)
+        return self._outputs(updated)
+
+    def _logprob_entry(self, result, row: int, token: int, n: int) -> dict[int, Logprob]:
+        entry: dict[int, Logprob] = {}
+        if n:
+            ids = result.logprob_token_ids[row, :n].tolist()
+            values = result.logprob_values[row, :n].tolist()
+            for rank, (tid, value) in enumerate(zip(ids, values), start=1):
+                entry[tid] = Logprob(value, rank, token_text(self.tokenizer, tid))
+        if token not in entry:
+            entry[token] = Logprob(float(result.sampled_logprobs[row]),
+                                   int(result.sampled_ranks[row]),
+                                   token_text(self.tokenizer, token))
+        return entry
+
+    def _stop_status(self, request: Request, token: int,
+                     previous_length: int) -> RequestStatus | None:
+        params = request.sampling_params
+        generated = len(request.output_token_ids)
+        if generated >= params.min_tokens:
+            if token in params.all_stop_token_ids:
+                if token in params.stop_token_ids:
+                    request.stop_reason = token
+                if not params.include_stop_str_in_output:
+                    request.output_text = request.output_text[:previous_length]
+                return RequestStatus.FINISHED_STOPPED
+            for stop in params.stop:
+                # a new match must end inside the text this token added
+                at = request.output_text.find(stop, max(previous_length - len(stop) + 1, 0))
+                if at >= 0:
+                    end = at + len(stop) if params.include_stop_str_in_output else at
+                    request.output_text = request.output_text[:end]
+                    request.stop_reason = stop
+                    return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and generated >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.model_config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _completion(self, request: Request) -> CompletionOutput:
+        logprobs = request.logprobs
+        return CompletionOutput(
+            index=request.index, text=request.output_text,
+            token_ids=list(request.output_token_ids),
+            cumulative_logprob=request.cumulative_logprob if logprobs is not None else None,
+            logprobs=list(logprobs) if logprobs is not None else None,
+            finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+            lora_request=request.lora_request)
+
+    def _outputs(self, updated: list[Request]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        reported: set[str] = set()
+        for request in updated:
+            rid = request.parent_id or request.request_id
+            if rid in reported:
+                continue
+            reported.add(rid)
+            members = self.parents[rid].children if request.parent_id else [request]
+            finished = all(m.status.finished for m in members)
+            outputs.append(self._request_output(rid, members, finished))
+            if finished:
+                self.parents.pop(rid, None)
+                for m in members:
+                    self.requests.pop(m.request_id, None)
+        return outputs
+
+    def _request_output(self, request_id: str, members: list[Request],
+                        finished: bool) -> RequestOutput:
+        first = members[0]
+        return RequestOutput(
+            request_id=request_id, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
+            prompt_logprobs=None,
+            outputs=[self._completion(r) for r in members],
+            finished=finished, lora_request=first.lora_request,
+            metrics={"arrival_time": first.arrival_time,
+                     "first_token_time": first.first_token_time,
+                     "num_preemptions": sum(r.num_preemptions for r in members)})

@@ -1,0 +1,190 @@
+"""Grouped expert GEMM over block-sorted (token, expert) pairs.
+
+The pairs come from ``moe_align_block_size``: every block of ``BLOCK_SIZE_M``
+consecutive entries of ``sorted_pair_ids`` belongs to one expert
+(``expert_ids[block]``), so one program multiplies a BLOCK_M x K slice of
+activations by one expert's K x BLOCK_N weight tile. Output rows are indexed
+by pair id (``t * top_k + j``), so results land unsorted and no scatter pass
+is needed afterwards.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fused_moe_gemm_kernel(
+        a_ptr, b_ptr, c_ptr, bias_ptr, topk_weights_ptr,
+        sorted_pair_ids_ptr, expert_ids_ptr, num_pairs_post_padded_ptr,
+        N, K, num_valid_pairs, num_padded_pairs, top_k,
+        stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+        stride_bias_e, stride_bias_n,
+        GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+        BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+    # The grid covers the static worst case (CUDA graphs); programs past the
+    # real padded length leave at once.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_padded_pairs, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    # Consecutive programs walk GROUP_SIZE_M row blocks before moving to the
+    # next column block, so one expert's weight tile is reused from L2.
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    if pid_m * BLOCK_SIZE_M >= tl.load(num_pairs_post_padded_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert == -1:
+        return
+
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
+    pair_mask = pair < num_valid_pairs
+    if GATHER_ROWS:
+        row = pair // top_k
+    else:
+        row = pair
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+
+    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    # B[e] is [N, K]; reading it as a K x N tile computes a @ B[e].T.
+    b_ptrs = (b_ptr + expert * stride_be + offs_k[:, None] * stride_bk
+              + offs_n[None, :] * stride_bn)
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_left = K - kb * BLOCK_SIZE_K
+        a = tl.load(a_ptrs, mask=pair_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_bias_e + offs_n * stride_bias_n, mask=n_mask,
+                       other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(topk_weights_ptr + pair, mask=pair_mask, other=0.0)
+        acc *= w.to(tl.float32)[:, None]
+
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
+
+
+def moe_block_size(num_pairs: int, num_experts: int) -> int:
+    """BLOCK_SIZE_M the default config uses for this many routed pairs: the
+    block size to align the pairs with before running both expert GEMMs."""
+    per_expert = num_pairs / max(num_experts, 1)
+    if per_expert <= 16:
+        return 16
+    if per_expert <= 64:
+        return 32
+    if per_expert <= 512:
+        return 64
+    return 128
+
+
+def default_config(block_m: int, N: int, K: int, dtype: torch.dtype) -> dict[str, int]:
+    """Untuned launch parameters for an alignment of ``block_m`` rows (see
+    ``moe_block_size``). Small blocks mean decode, bound by reading the
+    weights: columns stay wide. Large blocks get square-ish tiles and more
+    warps."""
+    block_n = 64 if block_m <= 32 else 128
+    # fp32 tiles are twice the bytes: keep the pipelined stages in shared memory.
+    block_k = 64 if dtype.itemsize <= 2 else 32
+    # tl.dot needs every tile dimension >= 16; no point in tiles wider than the matrix.
+    block_n = max(16, min(block_n, triton.next_power_of_2(N)))
+    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
+    return {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": block_n, "BLOCK_SIZE_K": block_k,
+            "GROUP_SIZE_M": 1 if block_m <= 16 else 8,
+            "num_warps": 8 if block_m >= 128 else 4, "num_stages": 3}
+
+
+def _alignment_block_size(sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor) -> int:
+    block, rest = divmod(sorted_pair_ids.numel(), max(expert_ids.numel(), 1))
+    if rest or block == 0:
+        raise ValueError(f"{sorted_pair_ids.numel()} sorted pairs do not split into "
+                         f"{expert_ids.numel()} blocks")
+    return block
+
+
+def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
+                          sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
+                          num_pairs_post_padded: torch.Tensor, top_k: int, gather_rows: bool,
+                          bias: torch.Tensor | None = None,
+                          topk_weights: torch.Tensor | None = None,
+                          config: dict[str, Any] | None = None) -> None:
+    """``c[p] = (a[row(p)] @ b[e].T + bias[e]) * topk_weights.flatten()[p]``
+    for every aligned pair p of expert e, with ``row(p) = p // top_k`` when
+    ``gather_rows`` (a is [T, K]) else ``p`` (a is [T*k, K]). c is [T*k, N]:
+    its row count is the sentinel pair id. Rows of c whose pair is in no
+    block (or in a block of expert -1) are not written.
+
+    The config's BLOCK_SIZE_M must equal the block size of the alignment;
+    without a config one is picked for the problem size with that block size.
+    """
+    num_valid_pairs = c.shape[0]
+    _, N, K = b.shape
+    if a.shape[1] != K or c.shape[1] != N:
+        raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, b {tuple(b.shape)}, "
+                         f"c {tuple(c.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"a is {a.dtype} but the expert weights are {b.dtype}")
+    block_m = _alignment_block_size(sorted_pair_ids, expert_ids)
+    if config is None:
+        config = default_config(block_m, N, K, b.dtype)
+    elif config["BLOCK_SIZE_M"] != block_m:
+        raise ValueError(f"config BLOCK_SIZE_M {config['BLOCK_SIZE_M']} differs from the "
+                         f"alignment block size {block_m}")
+    weights = topk_weights.reshape(-1) if topk_weights is not None else None
+    num_padded = sorted_pair_ids.numel()
+    grid = (triton.cdiv(num_padded, block_m) * triton.cdiv(N, config["BLOCK_SIZE_N"]),)
+    _fused_moe_gemm_kernel[grid](
+        a, b, c, bias, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
+        N, K, num_valid_pairs, num_padded, top_k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        GATHER_ROWS=gather_rows, HAS_BIAS=bias is not None,
+        MUL_ROUTED_WEIGHT=topk_weights is not None,
+        # fp32 must not silently drop to tf32; 16-bit inputs ignore this.
+        INPUT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
+        BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=config["BLOCK_SIZE_N"],
+        BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config["GROUP_SIZE_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def fused_moe_gemm_torch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
+                         sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
+                         num_pairs_post_padded: torch.Tensor, top_k: int, gather_rows: bool,
+                         bias: torch.Tensor | None = None,
+                         topk_weights: torch.Tensor | None = None,
+                         config: dict[str, Any] | None = None) -> None:
+    """Reference of ``invoke_fused_moe_gemm`` (``config`` is ignored)."""
+    num_valid_pairs = c.shape[0]
+    block_m = _alignment_block_size(sorted_pair_ids, expert_ids)
+    used = int(num_pairs_post_padded.reshape(-1)[0])
+    pairs = sorted_pair_ids[:used].long()
+    experts = expert_ids[:used // block_m].long().repeat_interleave(block_m)
+    keep = (pairs < num_valid_pairs) & (experts >= 0)
+    pairs, experts = pairs[keep], experts[keep]
+    weights = topk_weights.reshape(-1) if topk_weights is not None else None
+    for e in experts.unique().tolist():
+        p = pairs[experts == e]
+        rows = p // top_k if gather_rows else p
+        out = a[rows].float() @ b[e].float().T
+        if bias is not None:
+            out += bias[e].float()
+        if weights is not None:
+            out *= weights[p].float().unsqueeze(1)
+        c[p] = out.to(c.dtype)

@@ -1,0 +1,119 @@
+"""Token sampling for one step of a batch.
+
+Order: logprobs of the raw logits (what users get back, as upstream) ->
+min_tokens masking -> repetition / frequency / presence penalties -> greedy
+rows take the argmax; random rows: temperature -> min_p -> top_k -> top_p,
+then one exponential race ``argmax(p / q), q ~ Exp(1)``, whose draws come
+from the request's own generator when it has a seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor          # [N] float32; 0 for greedy rows
+    top_p: torch.Tensor                # [N] float32
+    top_k: torch.Tensor                # [N] int64; 0 = off
+    min_p: torch.Tensor                # [N] float32
+    presence_penalty: torch.Tensor     # [N]
+    frequency_penalty: torch.Tensor    # [N]
+    repetition_penalty: torch.Tensor   # [N]
+    generators: dict[int, torch.Generator]
+    output_token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]
+    # rows that must not stop yet -> token ids to suppress
+    min_tokens_block: dict[int, set[int]]
+    max_num_logprobs: int | None       # largest `logprobs` in the batch, None if nobody asked
+    all_greedy: bool
+    no_penalties: bool
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: list[int]
+    # per row: top-N ids and logprobs, the sampled token's logprob and rank
+    logprob_token_ids: torch.Tensor | None = None   # [N, max_num_logprobs]
+    logprob_values: torch.Tensor | None = None      # [N, max_num_logprobs]
+    sampled_logprobs: torch.Tensor | None = None    # [N]
+    sampled_ranks: torch.Tensor | None = None       # [N]
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    N, V = logits.shape
+    device = logits.device
+    out_counts = torch.zeros(N, V, device=device)
+    seen = torch.zeros(N, V, dtype=torch.bool, device=device)
+    for i, (out, prompt) in enumerate(zip(meta.output_token_ids, meta.prompt_token_ids)):
+        if out:
+            ids = torch.tensor(out, device=device)
+            out_counts[i].index_add_(0, ids, torch.ones(len(out), device=device))
+        seen[i, torch.tensor(prompt + out, device=device, dtype=torch.long)] = True
+    rep = meta.repetition_penalty.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - meta.frequency_penalty.unsqueeze(1) * out_counts
+    logits = logits - meta.presence_penalty.unsqueeze(1) * (out_counts > 0).float()
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside min_p, top_k and top_p, in that order."""
+    probs = torch.softmax(logits, dim=-1)
+    max_p = probs.max(dim=-1, keepdim=True).values
+    logits = logits.masked_fill(probs < min_p.unsqueeze(1) * max_p, float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    V = logits.shape[1]
+    positions = torch.arange(V, device=logits.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k, V).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(positions >= k, float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1),
+                                              float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = None
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        for row, blocked in meta.min_tokens_block.items():
+            logits[row, list(blocked)] = float("-inf")
+        if not meta.no_penalties:
+            logits = apply_penalties(logits, meta)
+        sampled = logits.argmax(dim=-1)
+        if not meta.all_greedy:
+            random_rows = torch.nonzero(meta.temperature > 0).squeeze(1)
+            if random_rows.numel():
+                sub = _sample_rows(logits, meta, random_rows)
+                sampled[random_rows] = sub
+        out = SamplerOutput(sampled.tolist())
+        if raw_logprobs is not None:
+            n = meta.max_num_logprobs
+            if n > 0:
+                top = raw_logprobs.topk(n, dim=-1)
+                out.logprob_values, out.logprob_token_ids = top.values, top.indices
+            chosen = raw_logprobs.gather(1, sampled.unsqueeze(1))
+            out.sampled_logprobs = chosen.squeeze(1)
+            out.sampled_ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+        return out
+
+
+def _sample_rows(logits: torch.Tensor, meta: SamplingMetadata,
+                 rows: torch.Tensor) -> torch.Tensor:
+    scaled = logits[rows] / meta.temperature[rows].unsqueeze(1)
+    masked = apply_top_k_top_p_min_p(scaled, meta.top_k[rows], meta.top_p[rows], meta.min_p[rows])
+    probs = torch.softmax(masked, dim=-1)
+    q = torch.empty_like(probs).exponential_()
+    for j, row in enumerate(rows.tolist()):
+        if row in meta.generators:
+            q[j].exponential_(generator=meta.generators[row])
+    return (probs / q).argmax(dim=-1)

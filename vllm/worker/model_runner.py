@@ -1,0 +1,205 @@
+"""Turns a scheduled batch into tensors, runs the model and samples.
+
+The runner owns the model, the per-layer KV cache tensors and the sampler.
+``prepare_inputs`` is pure bookkeeping on host lists; ``execute`` does the
+device work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm import envs
+from vllm.config import VllmConfig
+from vllm.core.request import Request
+from vllm.core.scheduler import ScheduledBatch
+from vllm.distributed.parallel_state import ParallelContext
+from vllm.logger import init_logger
+from vllm.model_executor.build_context import ModelBuildContext
+from vllm.model_executor.layers.attention.backend import AttentionMetadata
+from vllm.model_executor.layers.attention.layer import Attention
+from vllm.model_executor.layers.attention.selector import get_attention_backend
+from vllm.model_executor.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from vllm.model_executor.model_loader.loader import load_model
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class ModelInput:
+    """Host-side description of one step, cheap to send to other ranks."""
+    input_ids: list[int]
+    positions: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    slot_mapping: list[int]
+    logits_indices: list[int]       # rows of the flattened batch whose next token is sampled
+    token_lora_ids: list[int]       # adapter id per token (0: none)
+
+
+class ModelRunner:
+    def __init__(self, config: VllmConfig, parallel: ParallelContext | None = None,
+                 progress: bool = True):
+        self.config = config
+        mc = config.model_config
+        self.device = torch.device(config.device_config.device)
+        self.block_size = config.cache_config.block_size
+        self.parallel = parallel or ParallelContext.single()
+        self.attention_backend = get_attention_backend(config.kernel_config.attention_backend,
+                                                       self.device.type)
+        ctx = ModelBuildContext(
+            hf_config=mc.hf_config, dtype=mc.dtype, device=self.device.type,
+            attention_backend=self.attention_backend, max_model_len=mc.max_model_len,
+            parallel=self.parallel, moe_backend=config.kernel_config.moe_backend,
+            lora_enabled=config.lora_config is not None)
+        self.model = load_model(mc.model, mc.architecture, ctx, progress=progress)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+
+    # -- KV cache -----------------------------------------------------------------
+    def block_bytes(self) -> int:
+        dtype_size = torch.empty((), dtype=self.config.model_config.dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_size * dtype_size
+                   for a in self.attn_layers)
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache_config
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        sched, mc = self.config.scheduler_config, self.config.model_config
+        blocks_per_seq = -(-mc.max_model_len // self.block_size)
+        useful = sched.max_num_seqs * blocks_per_seq  # more could never be used
+        if self.device.type == "cpu":
+            budget = int(envs.VLLM_CPU_KVCACHE_SPACE * (1 << 30))
+        else:
+            budget = self._profile_free_gpu_memory()
+        blocks = min(useful, budget // self.block_bytes())
+        if blocks < 1:
+            raise RuntimeError("no memory left for the KV cache; lower --max-model-len or "
+                               "raise --gpu-memory-utilization")
+        return blocks
+
+    def _profile_free_gpu_memory(self) -> int:
+        """Run the largest step the scheduler can issue and give the KV cache
+        what remains of the memory budget after its peak."""
+        sched = self.config.scheduler_config
+        tokens = min(sched.max_num_batched_tokens, self.config.model_config.max_model_len)
+        self.init_kv_cache(-(-tokens // self.block_size))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        dummy = ModelInput(input_ids=[0] * tokens, positions=list(range(tokens)),
+                           query_start_loc=[0, tokens], seq_lens=[tokens],
+                           block_tables=[list(range(-(-tokens // self.block_size)))],
+                           slot_mapping=list(range(tokens)),
+                           logits_indices=[tokens - 1] * min(sched.max_num_seqs, tokens),
+                           token_lora_ids=[0] * tokens)
+        with torch.inference_mode():
+            hidden = self._forward(dummy)
+            self.model.compute_logits(hidden[torch.tensor(dummy.logits_indices,
+                                                          device=self.device)])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        self.kv_caches = []
+        for layer in self.attn_layers:
+            layer.kv_cache = None
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak
+        logger.info("memory profile: peak %.2f GiB during a %d-token step; %.2f GiB for KV cache",
+                    peak / 2**30, tokens, max(budget, 0) / 2**30)
+        return max(budget, 0)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        dtype = self.config.model_config.dtype
+        self.kv_caches = []
+        for layer in self.attn_layers:
+            cache = torch.empty(2, num_blocks, self.block_size, layer.num_kv_heads,
+                                layer.head_size, dtype=dtype, device=self.device)
+            layer.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    # -- one step -------------------------------------------------------------------
+    def prepare_inputs(self, batch: ScheduledBatch) -> ModelInput:
+        bs = self.block_size
+        inp = ModelInput([], [], [0], [], [], [], [], [])
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            start = request.num_computed_tokens
+            end = start + n
+            inp.input_ids.extend(request.all_token_ids[start:end])
+            inp.positions.extend(range(start, end))
+            inp.query_start_loc.append(inp.query_start_loc[-1] + n)
+            inp.seq_lens.append(end)
+            inp.block_tables.append(request.block_ids)
+            blocks = request.block_ids
+            inp.slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            inp.token_lora_ids.extend([request.lora_int_id] * n)
+            if end == request.num_tokens:
+                inp.logits_indices.append(inp.query_start_loc[-1] - 1)
+        return inp
+
+    def sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
+        dev = self.device
+        params = [r.sampling_params for r in requests]
+
+        def col(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        min_tokens_block = {}
+        for i, r in enumerate(requests):
+            p = r.sampling_params
+            if len(r.output_token_ids) < p.min_tokens and p.all_stop_token_ids:
+                min_tokens_block[i] = p.all_stop_token_ids
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        no_penalties = all(p.presence_penalty == 0 and p.frequency_penalty == 0
+                           and p.repetition_penalty == 1 for p in params)
+        return SamplingMetadata(
+            temperature=col([0.0 if p.greedy else p.temperature for p in params]),
+            top_p=col([p.top_p for p in params]),
+            top_k=col([p.top_k for p in params], torch.int64),
+            min_p=col([p.min_p for p in params]),
+            presence_penalty=col([p.presence_penalty for p in params]),
+            frequency_penalty=col([p.frequency_penalty for p in params]),
+            repetition_penalty=col([p.repetition_penalty for p in params]),
+            generators={i: r.generator for i, r in enumerate(requests) if r.generator is not None},
+            output_token_ids=[r.output_token_ids for r in requests] if not no_penalties else [],
+            prompt_token_ids=[r.prompt_token_ids for r in requests] if not no_penalties else [],
+            min_tokens_block=min_tokens_block,
+            max_num_logprobs=max(asked) if asked else None,
+            all_greedy=all(p.greedy for p in params),
+            no_penalties=no_penalties)
+
+    def _attention_metadata(self, inp: ModelInput) -> AttentionMetadata:
+        dev = self.device
+        width = max(len(b) for b in inp.block_tables)
+        tables = [b + [0] * (width - len(b)) for b in inp.block_tables]
+        queries = [inp.query_start_loc[i + 1] - inp.query_start_loc[i]
+                   for i in range(len(inp.seq_lens))]
+        return AttentionMetadata(
+            num_seqs=len(inp.seq_lens), num_tokens=len(inp.input_ids),
+            query_start_loc=torch.tensor(inp.query_start_loc, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.int64, device=dev),
+            max_query_len=max(queries), max_seq_len=max(inp.seq_lens),
+            query_start_loc_cpu=inp.query_start_loc, seq_lens_cpu=inp.seq_lens)
+
+    def _forward(self, inp: ModelInput) -> torch.Tensor:
+        dev = self.device
+        input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
+        return self.model(input_ids, positions, self._attention_metadata(inp))
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput, sampling: SamplingMetadata | None) -> SamplerOutput | None:
+        """Run the step; sample only when ``sampling`` is given (the driver rank)."""
+        hidden = self._forward(inp)
+        if not inp.logits_indices:
+            return SamplerOutput([]) if sampling is not None else None
+        rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        if sampling is None:
+            return None
+        return self.sampler(logits, sampling)
