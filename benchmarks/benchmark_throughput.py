@@ -1,0 +1,146 @@
+"""Offline throughput: prompts/s and output tokens/s of the engine, optionally
+next to Hugging Face transformers ``generate`` on the same model and batch.
+
+    # a random-weight model with Qwen3-30B-A3B layer shapes, 4 layers deep
+    python benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --num-layers 4 \
+        --batch-size 64 --input-len 128 --output-len 128 --compare-hf
+
+    # any local checkpoint
+    python benchmarks/benchmark_throughput.py --model /path/to/model --batch-size 8
+
+Prints one table; the ratio column divides by the first row.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SHAPES = {
+    # hidden, moe intermediate, experts, top-k, heads, kv heads, head dim, vocab
+    "qwen3-30b-a3b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, intermediate_size=6144),
+}
+
+
+def make_random_model(shape: str, num_layers: int, out_dir: str, dtype: torch.dtype) -> str:
+    """A random-weight checkpoint with real layer shapes (few layers deep)."""
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from vllm.tools.make_tiny_model import build_tokenizer
+    tok = build_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = Qwen3MoeConfig(num_hidden_layers=num_layers, max_position_embeddings=4096,
+                         norm_topk_prob=True, eos_token_id=eos, bos_token_id=eos,
+                         **SHAPES[shape])
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    del model
+    return out_dir
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (n, length), generator=g).tolist()
+
+
+def run_engine(model: str, prompts: list[list[int]], output_len: int, args) -> float:
+    from vllm import LLM, SamplingParams
+    llm = LLM(model, dtype=args.dtype, max_model_len=args.input_len + output_len + 8,
+              max_num_seqs=max(args.batch_size, 1), moe_backend=args.moe_backend,
+              enable_lora=args.enable_lora, enforce_eager=args.enforce_eager)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(batch[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    _sync()
+    start = time.perf_counter()
+    outs = llm.generate(batch, params, use_tqdm=False)
+    _sync()
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
+    del llm
+    _free()
+    return elapsed
+
+
+def run_hf(model: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> float:
+    from transformers import AutoModelForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+              pad_token_id=0)
+    with torch.no_grad():
+        hf.generate(ids[:2], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        _sync()
+        start = time.perf_counter()
+        out = hf.generate(ids, **kw)
+        _sync()
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + output_len
+    del hf
+    _free()
+    return elapsed
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="checkpoint directory")
+    p.add_argument("--random-shape", choices=sorted(SHAPES))
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--model-dir", default="/tmp/bench-random-model")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--moe-backend", default="auto")
+    p.add_argument("--enable-lora", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also time transformers generate on the same batch")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    model = args.model or make_random_model(args.random_shape, args.num_layers, args.model_dir,
+                                            dtype)
+    from transformers import AutoConfig
+    vocab = min(AutoConfig.from_pretrained(model).vocab_size, 400)
+    prompts = random_prompts(args.batch_size, args.input_len, vocab)
+    rows = [("vllm (this engine)", run_engine(model, prompts, args.output_len, args))]
+    if args.compare_hf:
+        rows.append(("transformers generate", run_hf(model, prompts, args.output_len, dtype)))
+    n, out_tokens = len(prompts), len(prompts) * args.output_len
+    base = rows[0][1]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\nmodel {model} | device {device} | batch {n} | in {args.input_len} | "
+          f"out {args.output_len} | dtype {args.dtype}")
+    print(f"{'system':<24}{'seconds':>10}{'prompts/s':>12}{'out tok/s':>12}"
+          f"{'engine speedup':>16}")
+    for name, secs in rows:
+        print(f"{name:<24}{secs:>10.2f}{n / secs:>12.2f}{out_tokens / secs:>12.1f}"
+              f"{secs / base:>15.1f}x")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call: environment, GPU correctness tests, then benchmarks.
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_suite.sh [tests|bench|all]
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+what="${1:-all}"
+python3 - <<'PY'
+import torch, triton, transformers
+print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
+print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+PY
+git log -1 --format='commit %H %s' 2>/dev/null || true
+status=0
+if [[ "$what" == tests || "$what" == all ]]; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+  status=${PIPESTATUS[0]}
+fi
+if [[ "$what" == bench || "$what" == all ]]; then
+  python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --num-layers 4 \
+    --batch-size 64 --input-len 128 --output-len 128 --compare-hf 2>&1 | tee "$OUT/throughput.log" | tail -8
+fi
+exit $status
