@@ -94,11 +94,13 @@ def test_gpu_engine_matches_hf(arch, tmp_path_factory):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_gpu_triton_experts_engine_bf16(backend, tmp_path_factory):
-    """bf16 on the GPU with each LoRA-capable experts backend: greedy tokens
-    stay consistent with the float32 reference except near ties."""
+    """bf16 on the GPU with each LoRA-capable experts backend, against the
+    float32 reference. bf16 keeps ~3 significant digits per op; an expert
+    choice can flip on a near-tie, so the bound is on the norm of the error
+    over all logits (1e-3..1e-2 expected), not on its worst element."""
     path = model_dir(str(tmp_path_factory.getbasetemp()), "qwen3_moe")
     llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=256, moe_backend=backend)
     tok = llm.get_tokenizer()
     ids = tok.encode(PROMPTS[3])
-    ref = hf_logits(path, ids)
-    assert relative_max_error(engine_prefill_logits(llm, ids), ref) < 3e-2
+    ours, ref = engine_prefill_logits(llm, ids), hf_logits(path, ids)
+    assert ((ours - ref).norm() / ref.norm()).item() < 3e-2

@@ -34,7 +34,8 @@ class IncrementalDetokenizer:
         """The text that token ``token_id`` completes (possibly empty)."""
         new = self.tokenizer.convert_ids_to_tokens([token_id],
                                                    skip_special_tokens=self.skip_special_tokens)
-        self.tokens.extend(new)
+        # ids past the tokenizer's vocabulary (checkpoints pad the embedding) have no text
+        self.tokens.extend(t for t in new if t is not None)
         before = self._to_text(self.tokens[self.prefix_offset:self.read_offset])
         after = self._to_text(self.tokens[self.prefix_offset:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -54,4 +55,4 @@ class IncrementalDetokenizer:
 
 def token_text(tokenizer: Any, token_id: int) -> str:
     """Text of a single token, for logprob entries."""
-    return tokenizer.decode([token_id])
+    return tokenizer.decode([token_id]) if token_id < len(tokenizer) else ""
