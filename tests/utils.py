@@ -45,11 +45,25 @@ def hf_logits(path: str, token_ids: list[int]) -> torch.Tensor:
     return hf_model(path)(torch.tensor([token_ids])).logits[0].float()
 
 
-def assert_greedy_consistent(path: str, prompt_ids: list[int], output_ids: list[int]) -> None:
-    """Our greedy tokens must be HF's argmax at every step given the same
-    prefix (teacher forcing), except where the top logits are within
-    TIE_TOLERANCE of each other."""
-    logits = hf_logits(path, prompt_ids + output_ids)[len(prompt_ids) - 1:-1]
+def assert_greedy_consistent(path_or_model, prompt_ids: list[int], output_ids: list[int],
+                             logprobs=None, logprob_tol: float = 1e-3) -> None:
+    """Our greedy tokens must be the reference's argmax at every step given
+    the same prefix (teacher forcing), except where the top logits are
+    within TIE_TOLERANCE of each other. With ``logprobs`` (vLLM Logprob
+    dicts), each reported value must match the reference log-softmax."""
+    ids = prompt_ids + output_ids
+    if isinstance(path_or_model, str):
+        logits = hf_logits(path_or_model, ids)
+    else:
+        with torch.no_grad():
+            logits = path_or_model(torch.tensor([ids])).logits[0].float()
+    logits = logits[len(prompt_ids) - 1:-1]
+    if logprobs is not None:
+        ref = torch.log_softmax(logits, dim=-1)
+        for step, entry in enumerate(logprobs):
+            for tid, lp in entry.items():
+                assert abs(lp.logprob - ref[step, tid].item()) < logprob_tol, (
+                    f"step {step} token {tid}: logprob {lp.logprob} vs {ref[step, tid].item()}")
     for step, (row, token) in enumerate(zip(logits, output_ids)):
         best = row.max().item()
         gap = best - row[token].item()

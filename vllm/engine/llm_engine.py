@@ -107,11 +107,10 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         if request_id in self.requests or request_id in self.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if lora_request is not None and self.config.lora_config is None:
-            raise InvalidRequestError("a LoRA adapter was requested but LoRA is not enabled "
-                                      "(start the engine with enable_lora=True)")
         text, token_ids = self.tokenize_prompt(prompt)
         self.validate_prompt(token_ids, params)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         params = self._with_stop_ids(params)
         children = [params] if params.n == 1 else [params.clone_for_child(i)
                                                     for i in range(params.n)]
@@ -133,6 +132,21 @@ class LLMEngine:
             self.scheduler.add_request(request)
         if parent is not None:
             self.parents[request_id] = parent
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Read and validate an adapter now (it is cached on the CPU), so that
+        a bad adapter fails its request instead of a later step."""
+        if self.config.lora_config is None:
+            raise InvalidRequestError("a LoRA adapter was requested but LoRA is not enabled "
+                                      "(start the engine with enable_lora=True)")
+        self.runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        in_use = [r for r in self.requests.values() if r.lora_int_id == lora_int_id]
+        if in_use:
+            raise InvalidRequestError(f"adapter {lora_int_id} is in use by "
+                                      f"{len(in_use)} unfinished request(s)")
+        return self.runner.remove_lora(lora_int_id)
 
     def _with_stop_ids(self, params: SamplingParams) -> SamplingParams:
         stops = set(params.stop_token_ids)

@@ -55,6 +55,10 @@ class ModelRunner:
             parallel=self.parallel, moe_backend=config.kernel_config.moe_backend,
             lora_enabled=config.lora_config is not None)
         self.model = load_model(mc.model, mc.architecture, ctx, progress=progress)
+        self.lora_manager = None
+        if config.lora_config is not None:
+            from vllm.lora.model_manager import LoRAModelManager
+            self.lora_manager = LoRAModelManager(self.model, config.lora_config, self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
@@ -120,6 +124,15 @@ class ModelRunner:
                                 layer.head_size, dtype=dtype, device=self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
+
+    # -- adapters ---------------------------------------------------------------------
+    def add_lora(self, request) -> None:
+        if self.lora_manager is None:
+            raise ValueError("LoRA is not enabled")
+        self.lora_manager.load_adapter(request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.lora_manager is not None and self.lora_manager.remove_adapter(lora_int_id)
 
     # -- one step -------------------------------------------------------------------
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInput:
@@ -188,6 +201,8 @@ class ModelRunner:
 
     def _forward(self, inp: ModelInput) -> torch.Tensor:
         dev = self.device
+        if self.lora_manager is not None:
+            self.lora_manager.prepare_step(inp.token_lora_ids)
         input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
         positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
         return self.model(input_ids, positions, self._attention_metadata(inp))

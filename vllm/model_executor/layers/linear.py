@@ -142,14 +142,19 @@ class LinearBase(nn.Module):
         loaded = loaded.narrow(output_dim, start, size)
         copy_checked(param.data.narrow(output_dim, offset, size), loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's ``x @ W.T + b`` before any cross-rank reduction."""
         bias = self.bias
         if self.shard_input and bias is not None and self.tp.rank != 0:
             bias = None  # added once before the all-reduce
-        y = self.quant_method.apply(self, x, bias)
-        if self.shard_input:
-            y = self.tp.all_reduce(y)
-        return y
+        return self.quant_method.apply(self, x, bias)
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum the partial outputs of an input-sharded layer across ranks."""
+        return self.tp.all_reduce(y) if self.shard_input else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.matmul(x))
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size_per_partition}, out={self.output_partition_sizes}, "

@@ -259,6 +259,12 @@ class MoEForCausalLM(nn.Module):
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
+    # Stacked expert parameters in transformers are [E, out, in] for most
+    # models and [E, in, out] for some (GPT-OSS); legacy 3D adapters depend on it.
+    experts_out_in_layout: ClassVar[bool] = True
+    # Expert LoRA as one fused gate_up factor pair per expert (True) or
+    # separate gate and up factors (False).
+    moe_lora_fused_w13: ClassVar[bool] = False
 
     def __init__(self, ctx: ModelBuildContext):
         super().__init__()

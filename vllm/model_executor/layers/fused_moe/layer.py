@@ -38,6 +38,19 @@ def expert_placement(num_experts: int, ep_size: int, ep_rank: int, strategy: str
     return list(range(start, start + base + (1 if ep_rank < extra else 0)))
 
 
+def w13_rank_rows(w13: torch.Tensor, dim: int, interleaved: bool, rank: int,
+                  tp_size: int) -> torch.Tensor:
+    """This tensor-parallel rank's rows of a full gate/up tensor along ``dim``
+    (2I long): the rank's intermediate slice of gate and of up, kept in the
+    same layout (concatenated halves, or interleaved pairs)."""
+    part = w13.shape[dim] // (2 * tp_size)
+    if interleaved:
+        return w13.narrow(dim, rank * 2 * part, 2 * part)
+    half = part * tp_size
+    return torch.cat([w13.narrow(dim, rank * part, part),
+                      w13.narrow(dim, half + rank * part, part)], dim=dim)
+
+
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  *, params_dtype: torch.dtype, router: RouterConfig,
@@ -114,13 +127,7 @@ class FusedMoE(nn.Module):
             copy_checked(dest, part)
         elif shard_id == "w13":
             _check_rows(loaded, 2 * I * tp, shard_id)
-            if interleaved:
-                part = loaded.narrow(0, rank * 2 * I, 2 * I)
-            else:
-                half = I * tp
-                part = torch.cat([loaded[:half].narrow(0, rank * I, I),
-                                  loaded[half:].narrow(0, rank * I, I)])
-            copy_checked(target, part)
+            copy_checked(target, w13_rank_rows(loaded, 0, interleaved, rank, tp))
         elif shard_id == "w2":
             if loaded.dim() == 1:  # bias: added by one rank only when ranks split I
                 copy_checked(target, loaded if rank == 0 else torch.zeros_like(loaded))

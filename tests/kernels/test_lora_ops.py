@@ -1,0 +1,277 @@
+"""Triton LoRA kernels (dense and MoE shrink/expand) against the torch
+reference ops (Triton's interpreter on CPU; bfloat16 on a GPU).
+
+Outputs are poisoned: shrink buffers start as NaN, so every row the op must
+write has to come out finite and every row it must leave alone stays NaN;
+``y`` starts with random values that untouched rows and columns must keep
+bit for bit. The shrink results fed to expand keep NaN in the rows of tokens
+without an adapter, so expand must not read them.
+"""
+import pytest
+import torch
+
+from vllm.lora.ops import torch_ops
+from vllm.lora.token_mapping import LoRATokenMapping
+from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_size
+
+lora_ops = pytest.importorskip("vllm.lora.ops.triton_ops.lora_ops")
+moe_lora = pytest.importorskip("vllm.lora.ops.triton_ops.fused_moe_lora")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+NAN = float("nan")
+
+
+def token_slots(T: int, max_loras: int, gen: torch.Generator) -> torch.Tensor:
+    """Random slots; the last token has an adapter, the first (when there are
+    more than two) has none, and with more than one slot, slot 1 is unused."""
+    slots = torch.randint(-1, max_loras, (T,), generator=gen, dtype=torch.int32)
+    if max_loras > 1:
+        slots[slots == 1] = -1
+    slots[-1] = max_loras - 1 if max_loras != 2 else 0
+    if T > 2:
+        slots[0] = -1
+    return slots.to(DEVICE)
+
+
+def factors(shapes: list[tuple[int, ...]], fan_in: int, dtype: torch.dtype,
+            gen: torch.Generator) -> list[torch.Tensor]:
+    return [(torch.randn(*s, generator=gen) / fan_in**0.5).to(DEVICE, dtype) for s in shapes]
+
+
+def slice_layout(Ns: tuple[int, ...]) -> tuple[list[int], int]:
+    """Slice offsets with a 3-column gap after every slice (gaps must stay
+    untouched) and the total width."""
+    offsets, width = [], 0
+    for n in Ns:
+        offsets.append(width)
+        width += n + 3
+    return offsets, width
+
+
+def strided_y(rows: int, width: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A non-contiguous view (row stride > width) of random values."""
+    return torch.randn(rows, width + 5, generator=gen).to(DEVICE, dtype)[:, :width]
+
+
+def assert_untouched(got: torch.Tensor, before: torch.Tensor, rows: torch.Tensor,
+                     offsets: list[int], Ns: tuple[int, ...]) -> None:
+    """Rows outside ``rows`` and columns outside every slice equal ``before``."""
+    keep_rows = torch.ones(got.shape[0], dtype=torch.bool, device=got.device)
+    keep_rows[rows] = False
+    assert torch.equal(got[keep_rows], before[keep_rows])
+    keep_cols = torch.ones(got.shape[1], dtype=torch.bool, device=got.device)
+    for off, n in zip(offsets, Ns):
+        keep_cols[off:off + n] = False
+    assert torch.equal(got[:, keep_cols], before[:, keep_cols])
+
+
+def check_shrink_out(got: torch.Tensor, want: torch.Tensor, written: torch.Tensor,
+                     dtype: torch.dtype) -> None:
+    assert not got[:, written].isnan().any()
+    untouched = torch.ones(got.shape[1], dtype=torch.bool, device=got.device)
+    untouched[written] = False
+    assert got[:, untouched].isnan().all()
+    torch.testing.assert_close(got, want, equal_nan=True, **TOL[dtype])
+
+
+# T, max_loras, rank, N per slice, K
+LINEAR_CASES = [
+    (1, 1, 8, (32,), 48),
+    (9, 3, 12, (40, 24), 64),
+    (37, 8, 16, (96, 32, 32), 80),
+    (20, 5, 32, (48, 16, 80), 33),
+    (50, 2, 64, (64,), 96),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"T{c[0]}-L{c[1]}-r{c[2]}")
+def test_lora_shrink_expand(dtype, case):
+    T, L, R, Ns, K = case
+    gen = torch.Generator().manual_seed(T * 131 + R)
+    mapping = LoRATokenMapping.build(token_slots(T, L, gen), L)
+    written = torch.nonzero(mapping.token_lora_slot >= 0).squeeze(1)
+    S = len(Ns)
+    x = torch.randn(T, K, generator=gen).to(DEVICE, dtype)
+    lora_a = factors([(L, R, K)] * S, K, dtype, gen)
+    lora_b = factors([(L, n, R) for n in Ns], R, dtype, gen)
+
+    want = torch.full((S, T, R), NAN, device=DEVICE)
+    torch_ops.lora_shrink(x, lora_a, mapping, want)
+    # the default config, and K split over 3 programs with a ragged last split
+    split = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_K=16, SPLIT_K=3, num_warps=4, num_stages=2)
+    for config in (None, split):
+        got = torch.full_like(want, NAN)
+        lora_ops.lora_shrink(x, lora_a, mapping, got, config=config)
+        check_shrink_out(got, want, written, dtype)
+
+    offsets, width = slice_layout(Ns)
+    y = strided_y(T, width, dtype, gen)
+    before = y.clone()
+    y_want = y.clone()
+    torch_ops.lora_expand(want, lora_b, mapping, y_want, offsets)
+    lora_ops.lora_expand(want, lora_b, mapping, y, offsets)
+    torch.testing.assert_close(y, y_want, **TOL[dtype])
+    assert_untouched(y, before, written, offsets, Ns)
+
+
+def test_lora_ops_without_adapters_touch_nothing():
+    gen = torch.Generator().manual_seed(0)
+    T, L, R, K, N = 5, 3, 16, 32, 32
+    mapping = LoRATokenMapping.build(torch.full((T,), -1, dtype=torch.int32, device=DEVICE), L)
+    x = torch.randn(T, K, generator=gen).to(DEVICE)
+    out = torch.full((1, T, R), NAN, device=DEVICE)
+    lora_ops.lora_shrink(x, factors([(L, R, K)], K, torch.float32, gen), mapping, out)
+    assert out.isnan().all()
+    y = torch.randn(T, N, generator=gen).to(DEVICE)
+    before = y.clone()
+    lora_ops.lora_expand(torch.randn(1, T, R, generator=gen).to(DEVICE),
+                         factors([(L, N, R)], R, torch.float32, gen), mapping, y, [0])
+    assert torch.equal(y, before)
+
+
+def routing(T: int, k: int, E: int, ep_drop: float, gen: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct experts per token; a fraction ``ep_drop`` of the pairs goes to
+    experts of another rank (-1)."""
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(torch.int32)
+    ids[torch.rand(T, k, generator=gen) < ep_drop] = -1
+    weights = torch.rand(T, k, generator=gen) + 0.1
+    return weights.to(DEVICE), ids.to(DEVICE)
+
+
+# T, top_k, experts, max_loras, rank, N per slice, K, fraction of pairs on
+# other ranks, block size (None: moe_lora_block_size)
+MOE_CASES = [
+    (1, 1, 4, 1, 8, (32,), 48, 0.0, None),
+    (5, 2, 8, 3, 12, (40, 24), 64, 0.2, None),
+    (12, 4, 6, 8, 16, (48, 48), 40, 0.25, None),
+    (9, 2, 16, 4, 32, (96,), 72, 0.0, None),
+    (16, 4, 8, 2, 64, (16, 80, 32), 33, 0.3, 32),
+    # (slot, expert) groups longer than one block
+    (80, 2, 2, 2, 16, (24, 24), 32, 0.05, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: f"T{c[0]}-k{c[1]}-E{c[2]}-L{c[3]}")
+@pytest.mark.parametrize("gather_rows,with_weights", [(True, False), (False, True)])
+def test_fused_moe_lora_shrink_expand(dtype, case, gather_rows, with_weights):
+    T, k, E, L, R, Ns, K, ep_drop, block = case
+    gen = torch.Generator().manual_seed(T * 31 + E)
+    topk_weights, topk_ids = routing(T, k, E, ep_drop, gen)
+    slots = token_slots(T, L, gen)
+    enabled = torch.ones(L, dtype=torch.int32)
+    used = sorted(set(slots.tolist()) - {-1})
+    if len(used) > 1:
+        enabled[used[0]] = 0     # a slot with tokens whose adapter skips this layer
+    # both dtypes a caller may keep the flags in
+    enabled = enabled.to(DEVICE, torch.bool if with_weights else torch.int32)
+    block = block or moe_lora.moe_lora_block_size(T * k, E, L)
+    sorted_ids, expert_ids, npp = moe_lora_align_block_size(topk_ids, slots, block, E, L)
+    groups = torch_ops.moe_lora_groups(topk_ids, slots, enabled)
+    assert groups
+    written = torch.cat([g[2] for g in groups])
+
+    S, P = len(Ns), T * k
+    x = torch.randn(T if gather_rows else P, K, generator=gen).to(DEVICE, dtype)
+    lora_a = factors([(L, E, R, K)] * S, K, dtype, gen)
+    lora_b = factors([(L, E, n, R) for n in Ns], R, dtype, gen)
+    align = (sorted_ids, expert_ids, npp, enabled)
+
+    want = torch.full((S, P, R), NAN, device=DEVICE)
+    torch_ops.fused_moe_lora_shrink(x, lora_a, groups, k, gather_rows, want)
+    split = dict(BLOCK_SIZE_K=16, SPLIT_K=2, num_warps=4, num_stages=2)
+    for config in (None, split):
+        got = torch.full_like(want, NAN)
+        moe_lora.fused_moe_lora_shrink(x, lora_a, *align, k, gather_rows, got, block,
+                                       config=config)
+        check_shrink_out(got, want, written, dtype)
+
+    offsets, width = slice_layout(Ns)
+    weights = topk_weights if with_weights else None
+    y = strided_y(P, width, dtype, gen)
+    before = y.clone()
+    y_want = y.clone()
+    torch_ops.fused_moe_lora_expand(want, lora_b, groups, y_want, offsets, weights)
+    moe_lora.fused_moe_lora_expand(want, lora_b, *align, y, offsets, topk_weights=weights)
+    torch.testing.assert_close(y, y_want, **TOL[dtype])
+    assert_untouched(y, before, written, offsets, Ns)
+
+
+def test_moe_lora_block_size():
+    assert moe_lora.moe_lora_block_size(1, 64, 4) == 16
+    assert moe_lora.moe_lora_block_size(128 * 8, 64, 4) == 16
+    assert moe_lora.moe_lora_block_size(4096 * 8, 64, 8) == 64
+    sizes = [moe_lora.moe_lora_block_size(n, 8, 2) for n in (16, 400, 800, 8000)]
+    assert sizes == sorted(sizes)
+
+
+def test_argument_checks():
+    gen = torch.Generator().manual_seed(1)
+    T, k, E, L, R, K = 4, 2, 4, 2, 16, 32
+    _, topk_ids = routing(T, k, E, 0.0, gen)
+    slots = token_slots(T, L, gen)
+    align = moe_lora_align_block_size(topk_ids, slots, 16, E, L)
+    enabled = torch.ones(L, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(T, K, generator=gen).to(DEVICE)
+    a = factors([(L, E, R, K)], K, torch.float32, gen)
+    out = torch.empty(1, T * k, R, device=DEVICE)
+    with pytest.raises(ValueError, match="block_size_m"):
+        moe_lora.fused_moe_lora_shrink(x, a, *align, enabled, k, True, out, 32)
+    with pytest.raises(ValueError, match="factors are"):
+        moe_lora.fused_moe_lora_shrink(x.half(), a, *align, enabled, k, True, out, 16)
+    mapping = LoRATokenMapping.build(slots, L)
+    ragged = [torch.randn(L, R, K, device=DEVICE), torch.randn(L, K, R, device=DEVICE).mT]
+    with pytest.raises(ValueError, match="inner strides"):
+        lora_ops.lora_shrink(x, ragged, mapping, torch.empty(2, T, R, device=DEVICE))
+    b = [torch.randn(L, 24, R, device=DEVICE)]
+    with pytest.raises(ValueError, match="outside"):
+        lora_ops.lora_expand(torch.zeros(1, T, R, device=DEVICE), b, mapping,
+                             torch.zeros(T, 30, device=DEVICE), [8])
+
+
+def test_slice_tables_are_cached():
+    ws = [torch.randn(2, 16, 32, device=DEVICE) for _ in range(3)]
+    table, _ = lora_ops.slice_table(ws, 1, [0, 16, 32])
+    assert lora_ops.slice_table(ws, 1, [0, 16, 32])[0] is table
+    assert table[:, 0].tolist() == [w.data_ptr() for w in ws]
+    assert table[:, 3].tolist() == [16] * 3 and table[:, 4].tolist() == [0, 16, 32]
+
+
+def test_moe_lora_skips_blocks_past_padded_length_or_of_expert_minus_one():
+    """Blocks are skipped on ``num_pairs_post_padded`` and expert -1 alone,
+    whatever the rest of the alignment holds."""
+    gen = torch.Generator().manual_seed(5)
+    T, k, E, L, R, N, K, block = 40, 2, 2, 1, 16, 24, 32, 16
+    _, topk_ids = routing(T, k, E, 0.0, gen)
+    slots = token_slots(T, L, gen)
+    enabled = torch.ones(L, dtype=torch.int32, device=DEVICE)
+    sorted_ids, expert_ids, npp = moe_lora_align_block_size(topk_ids, slots, block, E, L)
+    assert int(npp[0]) >= 3 * block
+    npp[0] = 2 * block
+    expert_ids[0, 0] = -1
+    kept = sorted_ids[0, block:2 * block]
+    kept = kept[kept < T * k].long()
+    groups = [(0, int(expert_ids[0, 1]), kept)]
+
+    x = torch.randn(T, K, generator=gen).to(DEVICE)
+    lora_a = factors([(L, E, R, K)], K, torch.float32, gen)
+    lora_b = factors([(L, E, N, R)], R, torch.float32, gen)
+    align = (sorted_ids, expert_ids, npp, enabled)
+    want = torch.full((1, T * k, R), NAN, device=DEVICE)
+    torch_ops.fused_moe_lora_shrink(x, lora_a, groups, k, True, want)
+    got = torch.full_like(want, NAN)
+    moe_lora.fused_moe_lora_shrink(x, lora_a, *align, k, True, got, block)
+    check_shrink_out(got, want, kept, torch.float32)
+
+    y = torch.randn(T * k, N, generator=gen).to(DEVICE)
+    before = y.clone()
+    y_want = y.clone()
+    torch_ops.fused_moe_lora_expand(want, lora_b, groups, y_want, [0])
+    moe_lora.fused_moe_lora_expand(want, lora_b, *align, y, [0])
+    torch.testing.assert_close(y, y_want, **TOL[torch.float32])
+    assert_untouched(y, before, kept, [0], (N,))

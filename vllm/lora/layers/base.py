@@ -1,0 +1,50 @@
+"""The interface every LoRA-wrapped layer implements."""
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm.config import LoRAConfig
+from vllm.lora.punica_wrapper.base import PunicaWrapperBase
+
+
+class BaseLayerWithLoRA(nn.Module):
+    """Wraps a base layer; holds ``max_loras`` slots of stacked adapter
+    factors and adds the deltas of each token's slot in ``forward``."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.punica: PunicaWrapperBase | None = None
+        # slots whose adapter has weights for this layer (host-side, to skip work)
+        self.slots_with_weights: set[int] = set()
+
+    @abstractmethod
+    def create_lora_weights(self, max_loras: int, config: LoRAConfig,
+                            device: torch.device) -> None:
+        """Allocate zeroed slot buffers."""
+
+    @abstractmethod
+    def set_lora(self, slot: int, weights: Any) -> None:
+        """Copy one adapter's (canonical, unsharded) factors into ``slot``,
+        taking this rank's part; None means the adapter leaves the layer alone."""
+
+    @abstractmethod
+    def reset_lora(self, slot: int) -> None: ...
+
+    def set_mapping(self, punica: PunicaWrapperBase) -> None:
+        """Called once per step, after the punica wrapper got the step's mapping."""
+        self.punica = punica
+
+    def touched_this_step(self) -> bool:
+        return self.punica is not None and bool(self.punica.active_slots & self.slots_with_weights)
+
+
+def copy_padded(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy ``src`` into the leading corner of ``dst`` and zero the rest
+    (lower ranks are zero-padded up to the slot's rank)."""
+    dst.zero_()
+    dst[tuple(slice(0, n) for n in src.shape)].copy_(src)

@@ -1,0 +1,270 @@
+"""Triton LoRA shrink and expand on the experts of a fused MoE layer, with
+the semantics of ``torch_ops.fused_moe_lora_shrink`` / ``_expand``.
+
+Design
+------
+``moe_lora_align_block_size`` sorts, separately for every adapter slot, the
+(token, expert) pairs of the slot's tokens by expert and pads each expert's
+run to BLOCK_SIZE_M, so every block of ``sorted_pair_ids[slot]`` belongs to
+one (slot, expert) and one program multiplies it by that pair of factors.
+Rows are indexed by pair id (``t * top_k + j``) in ``out``, ``inter`` and
+``y``, so results land where they belong without a scatter pass.
+
+Grids are static (the aligned buffers have static sizes) so CUDA graphs can
+capture the launches:
+
+- shrink: ``(P / BLOCK_SIZE_M, max_loras, S * SPLIT_K)``; program
+  ``(m, slot, s * SPLIT_K + j)`` computes ``x[rows] @ A_s[slot, e].T`` over
+  the K blocks ``j, j + SPLIT_K, ...`` into ``out[s, pairs, :R]``;
+- expand: ``(P / BLOCK_SIZE_M, max_loras, S * cdiv(max N_s, BLOCK_N))``;
+  program ``(m, slot, s * NB + n)`` adds ``inter[s, pairs] @ B_s[slot, e].T``
+  (times the pair's routing weight when given) to one column block of slice
+  s in ``y[pairs]``. One writer per element: no atomics.
+
+A program returns at once when its slot's adapter does not touch the layer
+(``adapter_enabled[slot] == 0``), when its block lies past the slot's
+``num_pairs_post_padded`` (which also covers slots without pairs) or has
+expert -1, or (expand) when its column block lies past N_s. Padding entries
+hold the sentinel pair id ``T * top_k`` and are masked.
+
+Slices (gate/up) share one launch through the per-slice table of
+``lora_ops`` (factor pointer, slot and expert strides, N_s, column offset),
+and ``SPLIT_K > 1`` works as there: a ``ZERO_ONLY`` launch of the same
+kernel zeroes exactly the rows the op writes, then the split programs add
+fp32 partial sums atomically.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm.lora.ops.triton_ops.lora_ops import (check_split_k, expand_add, input_precision,
+                                               rank_block, shrink_block_k, shrink_tile,
+                                               slice_meta, slice_table, write_shrink)
+
+
+@triton.jit
+def _block_expert(enabled_ptr, num_pairs_post_padded_ptr, expert_ids_ptr, slot, pid_m,
+                  stride_expert_ids, BLOCK_SIZE_M: tl.constexpr):
+    """Expert of block pid_m of the slot's alignment; -1 when the program has
+    nothing to do."""
+    enabled = tl.load(enabled_ptr + slot) != 0
+    in_use = pid_m * BLOCK_SIZE_M < tl.load(num_pairs_post_padded_ptr + slot)
+    expert = tl.load(expert_ids_ptr + slot.to(tl.int64) * stride_expert_ids + pid_m)
+    return tl.where(enabled & in_use, expert, -1).to(tl.int64)
+
+
+@triton.jit
+def _block_pairs(sorted_pair_ids_ptr, slot, pid_m, stride_sorted, num_valid_pairs,
+                 BLOCK_SIZE_M: tl.constexpr):
+    offs = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    pairs = tl.load(sorted_pair_ids_ptr + slot.to(tl.int64) * stride_sorted + offs).to(tl.int64)
+    return pairs, pairs < num_valid_pairs
+
+
+@triton.jit
+def _moe_lora_shrink_kernel(
+        x_ptr, w0_ptr, meta_ptr, out_ptr, sorted_pair_ids_ptr, expert_ids_ptr,
+        num_pairs_post_padded_ptr, enabled_ptr,
+        K, R, num_valid_pairs, top_k, stride_sorted, stride_expert_ids,
+        stride_xt, stride_xk, stride_wr, stride_wk, stride_os, stride_op, stride_or,
+        GATHER_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, ZERO_ONLY: tl.constexpr):
+    pid_m = tl.program_id(0)
+    slot = tl.program_id(1)
+    s = tl.program_id(2) // SPLIT_K
+    split = tl.program_id(2) % SPLIT_K
+    expert = _block_expert(enabled_ptr, num_pairs_post_padded_ptr, expert_ids_ptr, slot, pid_m,
+                           stride_expert_ids, BLOCK_SIZE_M)
+    if expert == -1:
+        return
+    pairs, valid = _block_pairs(sorted_pair_ids_ptr, slot, pid_m, stride_sorted,
+                                num_valid_pairs, BLOCK_SIZE_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    out_ptrs = (out_ptr + s.to(tl.int64) * stride_os + pairs[:, None] * stride_op
+                + offs_r[None, :] * stride_or)
+    out_mask = valid[:, None] & (offs_r < R)[None, :]
+    if ZERO_ONLY:
+        tl.store(out_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_R), dtype=tl.float32), mask=out_mask)
+        return
+    if GATHER_ROWS:
+        rows = pairs // top_k
+    else:
+        rows = pairs
+    w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr)
+    acc = shrink_tile(x_ptr, w_ptr + slot * stride_wl + expert * stride_we, rows, valid, K, R,
+                      split, stride_xt, stride_xk, stride_wr, stride_wk, INPUT_PRECISION,
+                      BLOCK_SIZE_M, BLOCK_R, BLOCK_K, SPLIT_K)
+    write_shrink(out_ptrs, out_mask, acc, SPLIT_K)
+
+
+@triton.jit
+def _moe_lora_expand_kernel(
+        inter_ptr, w0_ptr, meta_ptr, y_ptr, topk_weights_ptr, sorted_pair_ids_ptr,
+        expert_ids_ptr, num_pairs_post_padded_ptr, enabled_ptr,
+        R, num_valid_pairs, num_n_blocks, stride_sorted, stride_expert_ids,
+        stride_is, stride_ip, stride_ir, stride_wn, stride_wr, stride_yp, stride_yn,
+        MUL_ROUTED_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    slot = tl.program_id(1)
+    s = tl.program_id(2) // num_n_blocks
+    n0 = (tl.program_id(2) % num_n_blocks) * BLOCK_N
+    w_ptr, stride_wl, stride_we, N, col_off = slice_meta(meta_ptr, s, w0_ptr)
+    if n0 >= N:
+        return
+    expert = _block_expert(enabled_ptr, num_pairs_post_padded_ptr, expert_ids_ptr, slot, pid_m,
+                           stride_expert_ids, BLOCK_SIZE_M)
+    if expert == -1:
+        return
+    pairs, valid = _block_pairs(sorted_pair_ids_ptr, slot, pid_m, stride_sorted,
+                                num_valid_pairs, BLOCK_SIZE_M)
+    if MUL_ROUTED_WEIGHT:
+        scale = tl.load(topk_weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        scale = 0.0
+    expand_add(inter_ptr + s.to(tl.int64) * stride_is,
+               w_ptr + slot * stride_wl + expert * stride_we, y_ptr, pairs, valid, scale,
+               col_off, n0, N, R, stride_ip, stride_ir, stride_wn, stride_wr, stride_yp,
+               stride_yn, INPUT_PRECISION, MUL_ROUTED_WEIGHT, BLOCK_R, BLOCK_N)
+
+
+def moe_lora_block_size(num_pairs: int, num_experts: int, max_loras: int) -> int:
+    """BLOCK_SIZE_M to align the LoRA pairs with. Each (slot, expert) group
+    is padded to a whole block, and with several adapters the pairs split
+    over up to ``max_loras`` slots, so blocks stay smaller than for the base
+    expert GEMMs; LoRA tiles are thin (rank wide), so large blocks gain
+    little."""
+    per_group = num_pairs / max(num_experts * max_loras, 1)
+    if per_group <= 16:
+        return 16
+    if per_group <= 48:
+        return 32
+    return 64
+
+
+def _check_alignment(sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
+                     num_pairs_post_padded: torch.Tensor, adapter_enabled: torch.Tensor,
+                     block_size_m: int | None) -> tuple[int, int]:
+    """-> (max_loras, block size)."""
+    L, P = sorted_pair_ids.shape
+    if expert_ids.shape[0] != L or expert_ids.shape[1] == 0 or P % expert_ids.shape[1]:
+        raise ValueError(f"sorted_pair_ids {tuple(sorted_pair_ids.shape)} and expert_ids "
+                         f"{tuple(expert_ids.shape)} are no block alignment")
+    block = P // expert_ids.shape[1]
+    if block_size_m is not None and block_size_m != block:
+        raise ValueError(f"block_size_m {block_size_m} differs from the alignment's {block}")
+    if block < 16:
+        raise ValueError(f"block size {block} < 16 (tl.dot needs 16)")
+    if num_pairs_post_padded.numel() != L or adapter_enabled.numel() < L:
+        raise ValueError(f"num_pairs_post_padded and adapter_enabled need {L} entries")
+    if sorted_pair_ids.stride(1) != 1 or expert_ids.stride(1) != 1:
+        raise ValueError("sorted_pair_ids and expert_ids must be contiguous per slot")
+    return L, block
+
+
+def moe_lora_shrink_config(num_pairs: int, K: int, R: int, block_size_m: int,
+                           dtype: torch.dtype) -> dict[str, int]:
+    """Untuned launch parameters. With few pairs there are few (slot, expert)
+    blocks, each walking all of K: split K then."""
+    block_k = shrink_block_k(K, R, block_size_m, dtype)
+    split_k = min(4, max(1, triton.cdiv(K, block_k) // 2)) if num_pairs <= 256 else 1
+    return {"BLOCK_SIZE_K": block_k, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
+
+
+def moe_lora_expand_config(N: int, block_size_m: int) -> dict[str, int]:
+    """Untuned launch parameters."""
+    block_n = 64 if block_size_m <= 32 else 128
+    return {"BLOCK_SIZE_N": max(16, min(block_n, triton.next_power_of_2(N))), "num_warps": 4}
+
+
+def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
+                          sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
+                          num_pairs_post_padded: torch.Tensor, adapter_enabled: torch.Tensor,
+                          top_k: int, gather_rows: bool, out: torch.Tensor, block_size_m: int,
+                          config: dict[str, Any] | None = None) -> None:
+    """``out[s, p] = x[row(p)] @ lora_a[s][slot, e].T`` for every aligned pair
+    p of slot ``slot`` and expert e whose adapter is enabled, with
+    ``row(p) = p // top_k`` when ``gather_rows`` (x ``[T, K]``) else p
+    (x ``[T*k, K]``); ``lora_a[s]`` is ``[L, E, R, K]`` and out
+    ``[S, T*k, R]`` float32. Other rows of out are not touched."""
+    L, block = _check_alignment(sorted_pair_ids, expert_ids, num_pairs_post_padded,
+                                adapter_enabled, block_size_m)
+    S = len(lora_a)
+    table, (stride_wr, stride_wk) = slice_table(lora_a)
+    w0 = lora_a[0]
+    if w0.dim() != 4 or w0.shape[0] < L or x.shape[1] != w0.shape[3]:
+        raise ValueError(f"lora_a {tuple(w0.shape)} does not fit x {tuple(x.shape)} and "
+                         f"{L} slots")
+    R, K = w0.shape[2:]
+    num_valid_pairs = out.shape[1]
+    if x.shape[0] * (top_k if gather_rows else 1) != num_valid_pairs:
+        raise ValueError(f"x has {x.shape[0]} rows for {num_valid_pairs} pairs, top_k {top_k}")
+    if out.dtype != torch.float32 or tuple(out.shape) != (S, num_valid_pairs, R):
+        raise ValueError(f"out must be float32 {(S, num_valid_pairs, R)}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if x.dtype != w0.dtype:
+        raise ValueError(f"x is {x.dtype} but the factors are {w0.dtype}")
+    config = config or moe_lora_shrink_config(num_valid_pairs, K, R, block, w0.dtype)
+    split_k = check_split_k(config)
+    args = (x, w0, table, out, sorted_pair_ids, expert_ids, num_pairs_post_padded,
+            adapter_enabled, K, R, num_valid_pairs, top_k, sorted_pair_ids.stride(0),
+            expert_ids.stride(0), x.stride(0), x.stride(1), stride_wr, stride_wk,
+            out.stride(0), out.stride(1), out.stride(2))
+    consts = dict(GATHER_ROWS=gather_rows, INPUT_PRECISION=input_precision(w0.dtype),
+                  BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
+                  num_warps=config["num_warps"])
+    m_blocks = expert_ids.shape[1]
+    if split_k > 1:
+        _moe_lora_shrink_kernel[(m_blocks, L, S)](*args, SPLIT_K=1, ZERO_ONLY=True, **consts)
+    _moe_lora_shrink_kernel[(m_blocks, L, S * split_k)](
+        *args, SPLIT_K=split_k, ZERO_ONLY=False, num_stages=config["num_stages"], **consts)
+
+
+def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
+                          sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
+                          num_pairs_post_padded: torch.Tensor, adapter_enabled: torch.Tensor,
+                          y: torch.Tensor, slice_offsets: list[int],
+                          topk_weights: torch.Tensor | None = None,
+                          block_size_m: int | None = None,
+                          config: dict[str, Any] | None = None) -> None:
+    """``y[p, off_s : off_s + N_s] += inter[s, p] @ lora_b[s][slot, e].T``
+    (times ``topk_weights.flatten()[p]`` when given) for every aligned pair
+    p of slot ``slot`` and expert e whose adapter is enabled; inter is
+    ``[S, T*k, R]``, ``lora_b[s]`` ``[L, E, N_s, R]``, y ``[T*k, N]``. The sum
+    is formed in fp32 and rounded once to y's dtype; other rows and columns
+    of y are not touched. ``block_size_m`` defaults to the alignment's."""
+    L, block = _check_alignment(sorted_pair_ids, expert_ids, num_pairs_post_padded,
+                                adapter_enabled, block_size_m)
+    S, num_valid_pairs, R = inter.shape
+    if len(lora_b) != S:
+        raise ValueError(f"inter has {S} slices but there are {len(lora_b)} factors")
+    table, (stride_wn, stride_wr) = slice_table(lora_b, 2, slice_offsets)
+    w0 = lora_b[0]
+    if w0.dim() != 4 or w0.shape[0] < L or w0.shape[3] != R or y.shape[0] != num_valid_pairs:
+        raise ValueError(f"lora_b {tuple(w0.shape)}, inter {tuple(inter.shape)} and "
+                         f"y {tuple(y.shape)} do not fit {L} slots")
+    for b, off in zip(lora_b, slice_offsets):
+        if off < 0 or off + b.shape[2] > y.shape[1]:
+            raise ValueError(f"slice [{off}, {off + b.shape[2]}) outside y's {y.shape[1]} columns")
+    weights = None
+    if topk_weights is not None:
+        weights = topk_weights.reshape(-1)
+        if weights.numel() != num_valid_pairs:
+            raise ValueError(f"{weights.numel()} routing weights for {num_valid_pairs} pairs")
+    max_n = max(b.shape[2] for b in lora_b)
+    config = config or moe_lora_expand_config(max_n, block)
+    block_n = config["BLOCK_SIZE_N"]
+    num_n_blocks = triton.cdiv(max_n, block_n)
+    _moe_lora_expand_kernel[(expert_ids.shape[1], L, S * num_n_blocks)](
+        inter, w0, table, y, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
+        adapter_enabled, R, num_valid_pairs, num_n_blocks, sorted_pair_ids.stride(0),
+        expert_ids.stride(0), inter.stride(0), inter.stride(1), inter.stride(2), stride_wn,
+        stride_wr, y.stride(0), y.stride(1),
+        MUL_ROUTED_WEIGHT=weights is not None, INPUT_PRECISION=input_precision(w0.dtype),
+        BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_N=block_n,
+        num_warps=config["num_warps"])
