@@ -145,3 +145,21 @@ def test_n_samples_with_seed(llm):
 def test_invalid_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_prompt_logprobs_equal_hf(path, chunk):
+    llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=chunk or 8192)
+    tok = llm.get_tokenizer()
+    out = llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3),
+                       use_tqdm=False)[0]
+    ids = tok.encode(PROMPTS[3])
+    ref = torch.log_softmax(hf_logits(path, ids), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for pos, entry in enumerate(out.prompt_logprobs[1:]):
+        target = ids[pos + 1]
+        assert target in entry and len(entry) in (3, 4)
+        assert set(ref[pos].topk(3).indices.tolist()) <= set(entry)
+        for tid, lp in entry.items():
+            assert abs(lp.logprob - ref[pos, tid].item()) < 1e-4
+        assert entry[target].rank == int((ref[pos] > ref[pos, target]).sum()) + 1

@@ -43,6 +43,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     cumulative_logprob: float = 0.0
     output_text: str = ""
     stop_reason: int | str | None = None
@@ -57,6 +58,8 @@ class Request:
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has no prefix
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +68,16 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def prompt_logprob_span(self, num_new_tokens: int) -> range:
+        """Positions p of this step's chunk whose next prompt token's logprob
+        is wanted (empty when prompt_logprobs is off or the chunk is past
+        the prompt)."""
+        if self.sampling_params.prompt_logprobs is None:
+            return range(0)
+        start = self.num_computed_tokens
+        return range(start, max(start, min(start + num_new_tokens,
+                                           len(self.prompt_token_ids) - 1)))
 
     @property
     def lora_int_id(self) -> int:

@@ -185,6 +185,8 @@ class LLMEngine:
         return self._process(batch, sampling_requests, result)
 
     def _process(self, batch: ScheduledBatch, sampled: list[Request], result) -> list[RequestOutput]:
+        if result.prompt_logprobs is not None:
+            self._add_prompt_logprobs(batch, result.prompt_logprobs)
         for request, n in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += n
         now = time.monotonic()
@@ -208,6 +210,27 @@ class LLMEngine:
                 self.scheduler.finish(request, status)
             updated.append(request)
         return self._outputs(updated)
+
+    def _add_prompt_logprobs(self, batch: ScheduledBatch, out) -> None:
+        """Append this step's prompt logprobs to their requests; rows come in
+        the order ModelRunner.prepare_inputs laid them out."""
+        row = 0
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            want = request.sampling_params.prompt_logprobs
+            for pos in request.prompt_logprob_span(n):
+                entry: dict[int, Logprob] = {}
+                if out.top_token_ids is not None:
+                    pairs = zip(out.top_token_ids[row][:want], out.top_logprobs[row][:want])
+                    for rank, (tid, value) in enumerate(pairs, start=1):
+                        entry[tid] = Logprob(value, rank, token_text(self.tokenizer, tid))
+                target = request.prompt_token_ids[pos + 1]
+                if target not in entry:
+                    entry[target] = Logprob(out.target_logprobs[row], out.target_ranks[row],
+                                            token_text(self.tokenizer, target))
+                # a preempted request recomputes its prompt: keep the first result
+                if len(request.prompt_logprobs) == pos + 1:
+                    request.prompt_logprobs.append(entry)
+                row += 1
 
     def _logprob_entry(self, result, row: int, token: int, n: int) -> dict[int, Logprob]:
         entry: dict[int, Logprob] = {}
@@ -279,7 +302,7 @@ class LLMEngine:
         first = members[0]
         return RequestOutput(
             request_id=request_id, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
-            prompt_logprobs=None,
+            prompt_logprobs=first.prompt_logprobs,
             outputs=[self._completion(r) for r in members],
             finished=finished, lora_request=first.lora_request,
             metrics={"arrival_time": first.arrival_time,

@@ -6,7 +6,7 @@ device work.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +20,8 @@ from vllm.model_executor.build_context import ModelBuildContext
 from vllm.model_executor.layers.attention.backend import AttentionMetadata
 from vllm.model_executor.layers.attention.layer import Attention
 from vllm.model_executor.layers.attention.selector import get_attention_backend
-from vllm.model_executor.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from vllm.model_executor.layers.sampler import (PromptLogprobsOutput, Sampler, SamplerOutput,
+                                                SamplingMetadata)
 from vllm.model_executor.model_loader.loader import load_model
 
 logger = init_logger(__name__)
@@ -37,6 +38,10 @@ class ModelInput:
     slot_mapping: list[int]
     logits_indices: list[int]       # rows of the flattened batch whose next token is sampled
     token_lora_ids: list[int]       # adapter id per token (0: none)
+    # rows whose next prompt token's logprob was asked for, and those tokens
+    prompt_logprob_rows: list[int] = field(default_factory=list)
+    prompt_logprob_targets: list[int] = field(default_factory=list)
+    prompt_logprob_top: int = 0
 
 
 class ModelRunner:
@@ -149,6 +154,13 @@ class ModelRunner:
             blocks = request.block_ids
             inp.slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             inp.token_lora_ids.extend([request.lora_int_id] * n)
+            span = request.prompt_logprob_span(n)
+            if span:
+                first_row = inp.query_start_loc[-1] - n
+                inp.prompt_logprob_rows.extend(first_row + p - start for p in span)
+                inp.prompt_logprob_targets.extend(request.prompt_token_ids[p + 1] for p in span)
+                inp.prompt_logprob_top = max(inp.prompt_logprob_top,
+                                             request.sampling_params.prompt_logprobs)
             if end == request.num_tokens:
                 inp.logits_indices.append(inp.query_start_loc[-1] - 1)
         return inp
@@ -208,13 +220,37 @@ class ModelRunner:
         return self.model(input_ids, positions, self._attention_metadata(inp))
 
     @torch.inference_mode()
-    def execute(self, inp: ModelInput, sampling: SamplingMetadata | None) -> SamplerOutput | None:
-        """Run the step; sample only when ``sampling`` is given (the driver rank)."""
+    def execute(self, inp: ModelInput, sampling: SamplingMetadata | None,
+                is_driver: bool = True) -> SamplerOutput | None:
+        """Run the step. Every rank computes the logits it needs (the LM
+        head's gather is collective under tensor parallelism); the driver
+        rank samples and returns the result."""
         hidden = self._forward(inp)
-        if not inp.logits_indices:
-            return SamplerOutput([]) if sampling is not None else None
-        rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        if sampling is None:
+        logits = None
+        if inp.logits_indices:
+            rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])
+        prompt_logprobs = self._prompt_logprobs(hidden, inp)
+        if not is_driver:
             return None
-        return self.sampler(logits, sampling)
+        out = SamplerOutput([])
+        if logits is not None and sampling is not None:
+            out = self.sampler(logits, sampling)
+        out.prompt_logprobs = prompt_logprobs
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inp: ModelInput) -> PromptLogprobsOutput | None:
+        """Logprobs of each requested prompt token given its prefix: the top
+        ``prompt_logprob_top`` entries and the actual token with its rank."""
+        if not inp.prompt_logprob_rows:
+            return None
+        rows = torch.tensor(inp.prompt_logprob_rows, dtype=torch.long, device=self.device)
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)
+        targets = torch.tensor(inp.prompt_logprob_targets, dtype=torch.long, device=self.device)
+        chosen = logprobs.gather(1, targets.unsqueeze(1))
+        top = logprobs.topk(inp.prompt_logprob_top, dim=-1) if inp.prompt_logprob_top else None
+        return PromptLogprobsOutput(
+            target_logprobs=chosen.squeeze(1).tolist(),
+            target_ranks=((logprobs > chosen).sum(dim=-1) + 1).tolist(),
+            top_token_ids=top.indices.tolist() if top is not None else None,
+            top_logprobs=top.values.tolist() if top is not None else None)

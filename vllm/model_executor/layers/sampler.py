@@ -33,6 +33,16 @@ class SamplingMetadata:
 
 
 @dataclass
+class PromptLogprobsOutput:
+    """Per requested prompt position (in batch order): the logprob and rank
+    of the actual next prompt token, and the top-N candidates."""
+    target_logprobs: list[float]
+    target_ranks: list[int]
+    top_token_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+
+
+@dataclass
 class SamplerOutput:
     sampled_token_ids: list[int]
     # per row: top-N ids and logprobs, the sampled token's logprob and rank
@@ -40,6 +50,7 @@ class SamplerOutput:
     logprob_values: torch.Tensor | None = None      # [N, max_num_logprobs]
     sampled_logprobs: torch.Tensor | None = None    # [N]
     sampled_ranks: torch.Tensor | None = None       # [N]
+    prompt_logprobs: PromptLogprobsOutput | None = None
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
