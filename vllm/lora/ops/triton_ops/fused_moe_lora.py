@@ -10,13 +10,16 @@ one (slot, expert) and one program multiplies it by that pair of factors.
 Rows are indexed by pair id (``t * top_k + j``) in ``out``, ``inter`` and
 ``y``, so results land where they belong without a scatter pass.
 
-Grids are static (the aligned buffers have static sizes) so CUDA graphs can
-capture the launches:
+Grids are static (they depend on T*k, E and the block size only) so CUDA
+graphs can capture the launches. Axis 0 covers the blocks one slot can use
+at most, ``M = cdiv(T*k + min(E, T*k) * (BLOCK_SIZE_M - 1), BLOCK_SIZE_M)``
+(no more than the buffer's ``P / BLOCK_SIZE_M``; at decode, where T*k < E,
+far fewer):
 
-- shrink: ``(P / BLOCK_SIZE_M, max_loras, S * SPLIT_K)``; program
+- shrink: ``(M, max_loras, S * SPLIT_K)``; program
   ``(m, slot, s * SPLIT_K + j)`` computes ``x[rows] @ A_s[slot, e].T`` over
   the K blocks ``j, j + SPLIT_K, ...`` into ``out[s, pairs, :R]``;
-- expand: ``(P / BLOCK_SIZE_M, max_loras, S * cdiv(max N_s, BLOCK_N))``;
+- expand: ``(M, max_loras, S * cdiv(max N_s, BLOCK_N))``;
   program ``(m, slot, s * NB + n)`` adds ``inter[s, pairs] @ B_s[slot, e].T``
   (times the pair's routing weight when given) to one column block of slice
   s in ``y[pairs]``. One writer per element: no atomics.
@@ -167,6 +170,15 @@ def _check_alignment(sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
     return L, block
 
 
+def _grid_blocks(num_blocks: int, num_valid_pairs: int, num_experts: int, block: int) -> int:
+    """Blocks a slot can use at most: its pairs fall to at most min(E, pairs)
+    experts, each padded by less than a block. The buffer's size assumes
+    every expert has pairs; at decode most of those programs would only
+    exit."""
+    bound = triton.cdiv(num_valid_pairs + min(num_experts, num_valid_pairs) * (block - 1), block)
+    return max(1, min(num_blocks, bound))
+
+
 def moe_lora_shrink_config(num_pairs: int, K: int, R: int, block_size_m: int,
                            dtype: torch.dtype) -> dict[str, int]:
     """Untuned launch parameters. With few pairs there are few (slot, expert)
@@ -218,7 +230,7 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
     consts = dict(GATHER_ROWS=gather_rows, INPUT_PRECISION=input_precision(w0.dtype),
                   BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
                   num_warps=config["num_warps"])
-    m_blocks = expert_ids.shape[1]
+    m_blocks = _grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
     if split_k > 1:
         _moe_lora_shrink_kernel[(m_blocks, L, S)](*args, SPLIT_K=1, ZERO_ONLY=True, **consts)
     _moe_lora_shrink_kernel[(m_blocks, L, S * split_k)](
@@ -260,7 +272,8 @@ def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
     config = config or moe_lora_expand_config(max_n, block)
     block_n = config["BLOCK_SIZE_N"]
     num_n_blocks = triton.cdiv(max_n, block_n)
-    _moe_lora_expand_kernel[(expert_ids.shape[1], L, S * num_n_blocks)](
+    m_blocks = _grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
+    _moe_lora_expand_kernel[(m_blocks, L, S * num_n_blocks)](
         inter, w0, table, y, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
         adapter_enabled, R, num_valid_pairs, num_n_blocks, sorted_pair_ids.stride(0),
         expert_ids.stride(0), inter.stride(0), inter.stride(1), inter.stride(2), stride_wn,
