@@ -16,6 +16,11 @@ if [[ "$what" == tests || "$what" == all ]]; then
   python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
   status=${PIPESTATUS[0]}
 fi
+if [[ "$what" == lora || "$what" == all ]]; then
+  python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 --ranks 16 \
+    --mode graph eager 2>&1 | tee "$OUT/moe_lora.log" | tail -20
+  status=$(( status | PIPESTATUS[0] ))
+fi
 if [[ "$what" == bench || "$what" == all ]]; then
   python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --num-layers 4 \
     --batch-size 64 --input-len 128 --output-len 128 --compare-hf 2>&1 | tee "$OUT/throughput.log" | tail -8

@@ -27,6 +27,11 @@ def unquantized_backends() -> tuple[type[FusedMoEExperts], ...]:
     return (TritonExperts, GroupedMMExperts, TorchReferenceExperts)
 
 
+def all_experts_backends() -> list[type[FusedMoEExperts]]:
+    """Every experts class of every scheme (for conformance tests and docs)."""
+    return list(dict.fromkeys(unquantized_backends()))
+
+
 @functools.lru_cache(maxsize=None)
 def select_experts_backend(moe: FusedMoEConfig, candidates: tuple[type[FusedMoEExperts], ...],
                            requested: str, lora_enabled: bool) -> type[FusedMoEExperts]:

@@ -1,0 +1,220 @@
+"""One MoE layer with and without LoRA: base time, base + LoRA time,
+retention (base / (base + LoRA)), bytes moved, achieved bandwidth and the
+bytes ceiling on retention — measured side by side in one run.
+
+    python benchmarks/kernels/benchmark_moe_lora.py                       # H100 defaults
+    python benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --tokens 1 8 32 \
+        --adapters 4 --ranks 16 --mode graph
+    python benchmarks/kernels/benchmark_moe_lora.py --shapes tiny --backend torch   # CPU
+
+Every configuration is first checked against the torch reference (the
+script exits non-zero on a mismatch), then timed. ``--mode graph`` replays a
+captured CUDA graph with the L2 cache flushed before every replay; ``eager``
+launches normally. Routing is random (softmax top-k of random logits);
+every token runs one of the adapters, chosen round-robin.
+
+Bytes: base = the weights of every expert the batch touches + activations
+in and out; LoRA = the factors of every (adapter, expert) pair touched.
+The ceiling on retention is base_bytes / (base_bytes + lora_bytes): what a
+purely bandwidth-bound implementation could keep.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from vllm.lora.lora_context import MoELoRAContext  # noqa: E402
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, MoEActivation  # noqa: E402
+from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights  # noqa: E402
+from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_experts  # noqa: E402
+
+SHAPES = {  # hidden, intermediate, experts, top-k
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+    "gpt-oss-20b": (2880, 2880, 32, 4),
+    "tiny": (64, 32, 8, 2),
+}
+
+
+@dataclass
+class Case:
+    shape: str
+    tokens: int
+    adapters: int
+    rank: int
+
+
+def build(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0):
+    H, I, E, k = SHAPES[case.shape]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    cfg = FusedMoEConfig(num_experts=E, num_local_experts=E, top_k=k, hidden_size=H,
+                         intermediate_size=I, activation=MoEActivation(), has_bias=False,
+                         dtype=dtype, device=device)
+    weights = ExpertWeights(rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5))
+    x = rnd(case.tokens, H, scale=1.0)
+    logits = torch.randn(case.tokens, E, generator=g).to(device)
+    topk_weights, topk_ids = select_experts(logits, RouterConfig(k, renormalize=True))
+    L, R = case.adapters, case.rank
+    ctx_tensors = dict(
+        w13_lora_a=[rnd(L, E, R, H, scale=H ** -0.5) for _ in range(2)],
+        w13_lora_b=[rnd(L, E, I, R, scale=0.05) for _ in range(2)],
+        w2_lora_a=rnd(L, E, R, I, scale=I ** -0.5), w2_lora_b=rnd(L, E, H, R, scale=0.05))
+    slots = [t % L for t in range(case.tokens)]
+    if backend == "triton":
+        from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper as Punica
+        from vllm.model_executor.layers.fused_moe.experts.triton import TritonExperts as Experts
+    else:
+        from vllm.lora.punica_wrapper.torch_wrapper import TorchPunicaWrapper as Punica
+        from vllm.model_executor.layers.fused_moe.experts.torch_ref import (
+            TorchReferenceExperts as Experts)
+    punica = Punica(L, torch.device(device))
+    punica.update_mapping(slots)
+    ctx = MoELoRAContext(**ctx_tensors, adapter_enabled=torch.ones(L, dtype=torch.int32,
+                                                                    device=device),
+                         max_loras=L, top_k=k, w13_num_slices=2, w13_slice_offsets=[0, I],
+                         punica=punica)
+    return cfg, Experts(cfg), weights, x, topk_weights, topk_ids, ctx, slots
+
+
+def bytes_moved(case: Case, topk_ids: torch.Tensor, slots: list[int], elem: int) -> tuple[int, int]:
+    H, I, E, k = SHAPES[case.shape]
+    ids = topk_ids.cpu().long()
+    experts = set(ids.flatten().tolist())
+    pairs = {(slots[t], int(e)) for t in range(ids.shape[0]) for e in ids[t]}
+    base = len(experts) * 3 * H * I * elem + 2 * case.tokens * H * elem
+    lora = len(pairs) * case.rank * 3 * (H + I) * elem
+    return base, lora
+
+
+def check(case, backend, device, dtype) -> float:
+    """Relative error of backend + LoRA against the torch reference."""
+    from vllm.lora.punica_wrapper.torch_wrapper import TorchPunicaWrapper
+    from vllm.model_executor.layers.fused_moe.experts.torch_ref import TorchReferenceExperts
+    cfg, experts, w, x, tw, ids, ctx, slots = build(case, backend, device, dtype)
+    out = torch.full_like(x, float("nan"))
+    experts.apply(out, x, w, tw, ids, lora_context=ctx)
+    ref_punica = TorchPunicaWrapper(ctx.max_loras, torch.device(device))
+    ref_punica.update_mapping(slots)
+    ref_ctx = MoELoRAContext(**{**ctx.__dict__, "punica": ref_punica})
+    up = dict(dtype=torch.float32)
+    ref_w = ExpertWeights(w.w13.to(**up), w.w2.to(**up))
+    ref_ctx.w13_lora_a = [t.to(**up) for t in ctx.w13_lora_a]
+    ref_ctx.w13_lora_b = [t.to(**up) for t in ctx.w13_lora_b]
+    ref_ctx.w2_lora_a, ref_ctx.w2_lora_b = ctx.w2_lora_a.to(**up), ctx.w2_lora_b.to(**up)
+    ref = torch.empty_like(x, **up)
+    TorchReferenceExperts(cfg).apply(ref, x.to(**up), ref_w, tw, ids, lora_context=ref_ctx)
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def time_fn(fn, mode: str, device: str, iters: int) -> float:
+    """Median milliseconds per call."""
+    import time
+    if device != "cuda":
+        fn()
+        samples = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return sorted(samples)[len(samples) // 2]
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)  # > L2
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    if mode == "graph":
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fn()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=stream):
+                fn()
+        run = graph.replay
+    else:
+        run = fn
+    samples = []
+    for _ in range(iters):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return sorted(samples)[len(samples) // 2]
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device copy bandwidth in bytes/s (read + write), measured now."""
+    if device != "cuda":
+        return float("nan")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = time_fn(lambda: b.copy_(a), "eager", device, 10)
+    return 2 * a.numel() / (ms / 1e3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b"])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--backend", default=None, help="triton (GPU default) or torch (CPU default)")
+    p.add_argument("--mode", nargs="+", default=["graph", "eager"], choices=["graph", "eager"])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--tolerance", type=float, default=2e-2)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = args.backend or ("triton" if device == "cuda" else "torch")
+    dtype = getattr(torch, args.dtype) if device == "cuda" else torch.float32
+    cases = [Case(s, t, a, r) for s in args.shapes for r in args.ranks for a in args.adapters
+             for t in args.tokens]
+
+    failures = []
+    for case in cases:
+        err = check(Case(case.shape, min(case.tokens, 64), case.adapters, case.rank), backend,
+                    device, dtype)
+        if not err < args.tolerance:
+            failures.append(f"{case}: relative error {err:.3e}")
+    if failures:
+        print("MISMATCH against the torch reference:\n" + "\n".join(failures))
+        sys.exit(1)
+    print(f"correctness: {len(cases)} configurations within {args.tolerance} of the reference")
+
+    bw = copy_bandwidth(device)
+    elem = torch.empty((), dtype=dtype).element_size()
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"\ndevice {name} | backend {backend} | {str(dtype).replace('torch.', '')} | copy bandwidth "
+          f"{bw / 1e12:.2f} TB/s (read + write)")
+    header = (f"{'shape':<15}{'mode':<7}{'tok':>6}{'ad':>4}{'r':>4}{'base ms':>9}{'+lora ms':>10}"
+              f"{'retain':>8}{'ceiling':>8}{'MB base':>9}{'MB lora':>9}{'bw base':>8}{'bw all':>8}")
+    print(header)
+    for mode in args.mode:
+        for case in cases:
+            cfg, experts, w, x, tw, ids, ctx, slots = build(case, backend, device, dtype)
+            out = torch.empty_like(x)
+            base_ms = time_fn(lambda: experts.apply(out, x, w, tw, ids), mode, device, args.iters)
+            lora_ms = time_fn(lambda: experts.apply(out, x, w, tw, ids, lora_context=ctx), mode,
+                              device, args.iters)
+            base_b, lora_b = bytes_moved(case, ids, slots, elem)
+            frac = lambda nbytes, ms: nbytes / (ms / 1e3) / bw  # noqa: E731
+            print(f"{case.shape:<15}{mode:<7}{case.tokens:>6}{case.adapters:>4}{case.rank:>4}"
+                  f"{base_ms:>9.3f}{lora_ms:>10.3f}{base_ms / lora_ms:>8.2f}"
+                  f"{base_b / (base_b + lora_b):>8.2f}{base_b / 1e6:>9.1f}{lora_b / 1e6:>9.2f}"
+                  f"{frac(base_b, base_ms):>8.2f}{frac(base_b + lora_b, lora_ms):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

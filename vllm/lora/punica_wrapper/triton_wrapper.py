@@ -1,0 +1,60 @@
+"""Punica wrapper over the Triton LoRA kernels (the GPU path).
+
+The MoE deltas reuse one alignment for both projections: pairs sorted per
+adapter slot and expert in blocks (``moe_lora_align_block_size``), computed
+in ``add_lora_w13`` and handed back for ``add_lora_w2``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm.lora.ops.triton_ops.fused_moe_lora import (fused_moe_lora_expand,
+                                                     fused_moe_lora_shrink, moe_lora_block_size)
+from vllm.lora.ops.triton_ops.lora_ops import lora_expand, lora_shrink
+from vllm.lora.punica_wrapper.base import PunicaWrapperBase
+from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_size
+
+
+@dataclass
+class MoELoRAAlignment:
+    sorted_pair_ids: torch.Tensor      # [L, P]
+    expert_ids: torch.Tensor           # [L, P // block]
+    num_pairs_post_padded: torch.Tensor  # [L]
+    block_size: int
+
+
+class TritonPunicaWrapper(PunicaWrapperBase):
+    def shrink_buffer(self, num_slices: int, rows: int, rank: int) -> torch.Tensor:
+        # the kernels write every row they later read
+        return torch.empty(num_slices, rows, rank, dtype=torch.float32, device=self.device)
+
+    def add_lora_linear(self, y, x, lora_a, lora_b, slice_offsets):
+        inter = self.shrink_buffer(len(lora_a), x.shape[0], lora_a[0].shape[1])
+        lora_shrink(x, lora_a, self.mapping, inter)
+        lora_expand(inter, lora_b, self.mapping, y, slice_offsets)
+
+    def add_lora_w13(self, ctx, x, cache1, topk_ids):
+        num_experts = ctx.w2_lora_a.shape[1]
+        block = moe_lora_block_size(topk_ids.numel(), num_experts, ctx.max_loras)
+        alignment = MoELoRAAlignment(*moe_lora_align_block_size(
+            topk_ids, self.mapping.token_lora_slot, block, num_experts, ctx.max_loras), block)
+        inter = self.shrink_buffer(ctx.w13_num_slices, cache1.shape[0], ctx.max_rank)
+        fused_moe_lora_shrink(x, ctx.w13_lora_a, alignment.sorted_pair_ids, alignment.expert_ids,
+                              alignment.num_pairs_post_padded, ctx.adapter_enabled, ctx.top_k,
+                              True, inter, block)
+        fused_moe_lora_expand(inter, ctx.w13_lora_b, alignment.sorted_pair_ids,
+                              alignment.expert_ids, alignment.num_pairs_post_padded,
+                              ctx.adapter_enabled, cache1, ctx.w13_slice_offsets)
+        return alignment
+
+    def add_lora_w2(self, ctx, cache2, cache3, topk_weights, alignment, mul_routed_weight):
+        inter = self.shrink_buffer(1, cache2.shape[0], ctx.max_rank)
+        fused_moe_lora_shrink(cache2, [ctx.w2_lora_a], alignment.sorted_pair_ids,
+                              alignment.expert_ids, alignment.num_pairs_post_padded,
+                              ctx.adapter_enabled, ctx.top_k, False, inter, alignment.block_size)
+        fused_moe_lora_expand(inter, [ctx.w2_lora_b], alignment.sorted_pair_ids,
+                              alignment.expert_ids, alignment.num_pairs_post_padded,
+                              ctx.adapter_enabled, cache3, [0],
+                              topk_weights if mul_routed_weight else None)
