@@ -47,6 +47,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, progress=progress)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.init_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()
         config.cache_config.num_blocks = num_blocks
         self.block_manager = BlockManager(num_blocks, config.cache_config.block_size)
         lora = config.lora_config

@@ -32,20 +32,22 @@ from vllm.model_executor.layers.linear import LinearBase
 logger = init_logger(__name__)
 
 
-def make_punica_wrapper(max_loras: int, device: torch.device) -> PunicaWrapperBase:
+def make_punica_wrapper(max_loras: int, device: torch.device,
+                        max_num_tokens: int) -> PunicaWrapperBase:
     if device.type == "cuda":
         from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper
-        return TritonPunicaWrapper(max_loras, device)
+        return TritonPunicaWrapper(max_loras, device, max_num_tokens)
     from vllm.lora.punica_wrapper.torch_wrapper import TorchPunicaWrapper
-    return TorchPunicaWrapper(max_loras, device)
+    return TorchPunicaWrapper(max_loras, device, max_num_tokens)
 
 
 class LoRAModelManager:
-    def __init__(self, model: nn.Module, config: LoRAConfig, device: torch.device):
+    def __init__(self, model: nn.Module, config: LoRAConfig, device: torch.device,
+                 max_num_tokens: int = 0):
         self.model = model
         self.config = config
         self.device = device
-        self.punica = make_punica_wrapper(config.max_loras, device)
+        self.punica = make_punica_wrapper(config.max_loras, device, max_num_tokens)
         self.layers: dict[str, BaseLayerWithLoRA] = {}
         self._wrap(model)
         self.linear_targets, self.moe_targets = self._targets()

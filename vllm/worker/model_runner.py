@@ -63,10 +63,13 @@ class ModelRunner:
         self.lora_manager = None
         if config.lora_config is not None:
             from vllm.lora.model_manager import LoRAModelManager
-            self.lora_manager = LoRAModelManager(self.model, config.lora_config, self.device)
+            self.lora_manager = LoRAModelManager(self.model, config.lora_config, self.device,
+                                                 config.scheduler_config.max_num_batched_tokens)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
+        self.null_block = 0  # a block no request owns; padded rows write here
+        self.graphs = None
 
     # -- KV cache -----------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -85,7 +88,7 @@ class ModelRunner:
             budget = int(envs.VLLM_CPU_KVCACHE_SPACE * (1 << 30))
         else:
             budget = self._profile_free_gpu_memory()
-        blocks = min(useful, budget // self.block_bytes())
+        blocks = min(useful, budget // self.block_bytes() - 1)  # one more for the null block
         if blocks < 1:
             raise RuntimeError("no memory left for the KV cache; lower --max-model-len or "
                                "raise --gpu-memory-utilization")
@@ -96,8 +99,9 @@ class ModelRunner:
         what remains of the memory budget after its peak."""
         sched = self.config.scheduler_config
         tokens = min(sched.max_num_batched_tokens, self.config.model_config.max_model_len)
-        self.init_kv_cache(-(-tokens // self.block_size))
         torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()  # weights and adapter slots
+        self.init_kv_cache(-(-tokens // self.block_size))
         torch.cuda.reset_peak_memory_stats()
         dummy = ModelInput(input_ids=[0] * tokens, positions=list(range(tokens)),
                            query_start_loc=[0, tokens], seq_lens=[tokens],
@@ -117,18 +121,34 @@ class ModelRunner:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = int(total * self.config.cache_config.gpu_memory_utilization) - peak
+        if not self.config.model_config.enforce_eager:
+            # decode graphs keep their activations: those of the largest
+            # captured batch, scaled from this step's, plus slack
+            from vllm.worker.cuda_graphs import capture_sizes
+            largest = capture_sizes(min(sched.max_num_seqs, 512))[-1]
+            budget -= (peak - resident) * min(1.0, largest / tokens) + (256 << 20)
+        budget = max(int(budget), 0)
         logger.info("memory profile: peak %.2f GiB during a %d-token step; %.2f GiB for KV cache",
-                    peak / 2**30, tokens, max(budget, 0) / 2**30)
-        return max(budget, 0)
+                    peak / 2**30, tokens, budget / 2**30)
+        return budget
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        """``num_blocks`` usable blocks plus the null block (the last one)."""
         dtype = self.config.model_config.dtype
         self.kv_caches = []
+        self.null_block = num_blocks
         for layer in self.attn_layers:
-            cache = torch.empty(2, num_blocks, self.block_size, layer.num_kv_heads,
+            cache = torch.empty(2, num_blocks + 1, self.block_size, layer.num_kv_heads,
                                 layer.head_size, dtype=dtype, device=self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
+
+    def capture_cuda_graphs(self) -> None:
+        if self.device.type != "cuda" or self.config.model_config.enforce_eager:
+            return
+        from vllm.worker.cuda_graphs import DecodeGraphs
+        self.graphs = DecodeGraphs(self, min(self.config.scheduler_config.max_num_seqs, 512))
+        self.graphs.capture()
 
     # -- adapters ---------------------------------------------------------------------
     def add_lora(self, request) -> None:
@@ -225,12 +245,15 @@ class ModelRunner:
         """Run the step. Every rank computes the logits it needs (the LM
         head's gather is collective under tensor parallelism); the driver
         rank samples and returns the result."""
-        hidden = self._forward(inp)
-        logits = None
-        if inp.logits_indices:
-            rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
-        prompt_logprobs = self._prompt_logprobs(hidden, inp)
+        if self.graphs is not None and self.graphs.can_run(inp):
+            logits, prompt_logprobs = self.graphs.run(inp), None
+        else:
+            hidden = self._forward(inp)
+            logits = None
+            if inp.logits_indices:
+                rows = torch.tensor(inp.logits_indices, dtype=torch.long, device=self.device)
+                logits = self.model.compute_logits(hidden[rows])
+            prompt_logprobs = self._prompt_logprobs(hidden, inp)
         if not is_driver:
             return None
         out = SamplerOutput([])

@@ -40,7 +40,10 @@ class BaseLayerWithLoRA(nn.Module):
         self.punica = punica
 
     def touched_this_step(self) -> bool:
-        return self.punica is not None and bool(self.punica.active_slots & self.slots_with_weights)
+        if self.punica is None:
+            return False
+        return self.punica.all_layers_active or bool(self.punica.active_slots &
+                                                     self.slots_with_weights)
 
 
 def copy_padded(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -18,16 +18,33 @@ from vllm.lora.token_mapping import LoRATokenMapping
 
 
 class PunicaWrapperBase(ABC):
-    def __init__(self, max_loras: int, device: torch.device):
+    def __init__(self, max_loras: int, device: torch.device, max_num_tokens: int = 0):
         self.max_loras = max_loras
         self.device = device
         self.mapping: LoRATokenMapping | None = None
         # host copy of the slots used this step, to skip untouched layers
         self.active_slots: frozenset[int] = frozenset()
+        # While capturing a CUDA graph every LoRA layer must record its
+        # kernels, whatever adapters happen to be loaded.
+        self.all_layers_active = False
+        # The mapping lives in fixed buffers so a captured graph reads the
+        # current step's mapping at replay.
+        self._slots = torch.empty(max_num_tokens, dtype=torch.int32, device=device)
+        self._sorted = torch.empty(max_num_tokens, dtype=torch.int32, device=device)
+        self._start = torch.empty(max_loras + 1, dtype=torch.int32, device=device)
 
     def update_mapping(self, token_lora_slot: list[int]) -> None:
+        n = len(token_lora_slot)
         slots = torch.tensor(token_lora_slot, dtype=torch.int32, device=self.device)
-        self.mapping = LoRATokenMapping.build(slots, self.max_loras)
+        built = LoRATokenMapping.build(slots, self.max_loras)
+        if n > self._slots.shape[0]:
+            self._slots = torch.empty(n, dtype=torch.int32, device=self.device)
+            self._sorted = torch.empty(n, dtype=torch.int32, device=self.device)
+        self._slots[:n].copy_(built.token_lora_slot)
+        self._sorted[:n].copy_(built.sorted_token_ids)
+        self._start.copy_(built.slot_start)
+        self.mapping = LoRATokenMapping(self._slots[:n], self._sorted[:n], self._start,
+                                        self.max_loras)
         self.active_slots = frozenset(s for s in token_lora_slot if s >= 0)
 
     @abstractmethod

@@ -1,0 +1,138 @@
+"""CUDA graphs for decode steps.
+
+A pure-decode step (every sequence adds one token) of up to the largest
+captured batch size replays a graph captured for the next bucket size:
+inputs are copied into fixed buffers, padded rows point at a reserved null
+KV block and run no adapter, and the logits of the real rows are read back.
+The model forward and the LM head run inside the graph; sampling stays
+outside.
+
+With LoRA enabled each bucket has two graphs: one without any LoRA work
+(steps whose tokens use no adapter pay nothing for ``--enable-lora``) and one
+with every LoRA layer's kernels recorded. The latter stays correct whatever
+adapters are loaded later: slot weights are zero where an adapter leaves a
+layer alone, and the MoE kernels skip disabled slots on device flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention.backend import AttentionMetadata
+
+if TYPE_CHECKING:
+    from vllm.worker.model_runner import ModelInput, ModelRunner
+
+logger = init_logger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 129, 16)) + list(range(160, 513, 32))
+    return [s for s in sizes if s <= max_num_seqs] or [1]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+
+
+class DecodeGraphs:
+    def __init__(self, runner: "ModelRunner", max_batch: int):
+        self.runner = runner
+        self.sizes = capture_sizes(max_batch)
+        self.max_batch = self.sizes[-1]
+        dev = runner.device
+        B = self.max_batch
+        self.width = -(-runner.config.model_config.max_model_len // runner.block_size)
+        self.input_ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(B, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(B, self.width, dtype=torch.int32, device=dev)
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.pool = None
+
+    def _metadata(self, B: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_seqs=B, num_tokens=B, query_start_loc=self.query_start_loc[:B + 1],
+            seq_lens=self.seq_lens[:B], block_tables=self.block_tables[:B],
+            slot_mapping=self.slot_mapping[:B], max_query_len=1,
+            max_seq_len=self.width * self.runner.block_size,
+            query_start_loc_cpu=list(range(B + 1)), seq_lens_cpu=[1] * B)
+
+    def _reset_inputs(self) -> None:
+        null = self.runner.null_block
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(null * self.runner.block_size)
+        self.seq_lens.fill_(1)
+        self.block_tables.fill_(null)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        runner = self.runner
+        lora = runner.lora_manager
+        modes = [False, True] if lora is not None else [False]
+        self._reset_inputs()
+        for B in reversed(self.sizes):  # largest first: later graphs reuse its memory
+            for with_lora in modes:
+                if lora is not None:
+                    lora.punica.all_layers_active = with_lora
+                    lora.prepare_step([0] * B)
+                meta = self._metadata(B)
+                for _ in range(2):  # compile every kernel variant before capture
+                    runner.model.compute_logits(runner.model(self.input_ids[:B],
+                                                             self.positions[:B], meta))
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    hidden = runner.model(self.input_ids[:B], self.positions[:B], meta)
+                    logits = runner.model.compute_logits(hidden)
+                self.pool = graph.pool()
+                self.graphs[(B, with_lora)] = _Graph(graph, logits)
+        if lora is not None:
+            lora.punica.all_layers_active = False
+        torch.cuda.synchronize()
+        logger.info("captured %d CUDA graphs for decode batches of up to %d sequences",
+                    len(self.graphs), self.max_batch)
+
+    def can_run(self, inp: "ModelInput") -> bool:
+        n = len(inp.seq_lens)
+        return (0 < n <= self.max_batch and len(inp.input_ids) == n
+                and len(inp.logits_indices) == n and not inp.prompt_logprob_rows)
+
+    def run(self, inp: "ModelInput") -> torch.Tensor:
+        """Logits of the step's sequences (in batch order)."""
+        runner = self.runner
+        n = len(inp.seq_lens)
+        B = next(s for s in self.sizes if s >= n)
+        pad = B - n
+        null = runner.null_block
+        bs = runner.block_size
+        host = torch.empty(4, B, dtype=torch.long, pin_memory=True)
+        host[0] = torch.tensor(inp.input_ids + [0] * pad)
+        host[1] = torch.tensor(inp.positions + [0] * pad)
+        host[2] = torch.tensor(inp.slot_mapping + [null * bs] * pad)
+        host[3] = torch.tensor(inp.seq_lens + [1] * pad)
+        dev = host.to(runner.device, non_blocking=True)
+        self.input_ids[:B].copy_(dev[0])
+        self.positions[:B].copy_(dev[1])
+        self.slot_mapping[:B].copy_(dev[2])
+        self.seq_lens[:B].copy_(dev[3])
+        tables = torch.full((B, self.width), null, dtype=torch.int32)
+        for i, blocks in enumerate(inp.block_tables):
+            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.block_tables[:B].copy_(tables.pin_memory(), non_blocking=True)
+        with_lora = False
+        if runner.lora_manager is not None:
+            ids = inp.token_lora_ids + [0] * pad
+            runner.lora_manager.prepare_step(ids)
+            with_lora = any(ids)
+        entry = self.graphs[(B, with_lora)]
+        entry.graph.replay()
+        return entry.logits[:n]
