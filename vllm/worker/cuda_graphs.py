@@ -56,6 +56,10 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(B, self.width, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.pool = None
+        # pinned staging buffers, so a step's inputs reach the GPU in two copies
+        pinned = torch.cuda.is_available()
+        self.host_rows = torch.zeros(4, B, dtype=torch.long, pin_memory=pinned)
+        self.host_tables = torch.zeros(B, self.width, dtype=torch.int32, pin_memory=pinned)
 
     def _metadata(self, B: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -114,20 +118,22 @@ class DecodeGraphs:
         pad = B - n
         null = runner.null_block
         bs = runner.block_size
-        host = torch.empty(4, B, dtype=torch.long, pin_memory=True)
-        host[0] = torch.tensor(inp.input_ids + [0] * pad)
-        host[1] = torch.tensor(inp.positions + [0] * pad)
-        host[2] = torch.tensor(inp.slot_mapping + [null * bs] * pad)
-        host[3] = torch.tensor(inp.seq_lens + [1] * pad)
+        host = self.host_rows[:, :B]
+        host[0, :n] = torch.tensor(inp.input_ids)
+        host[1, :n] = torch.tensor(inp.positions)
+        host[2, :n] = torch.tensor(inp.slot_mapping)
+        host[3, :n] = torch.tensor(inp.seq_lens)
+        host[:, n:] = torch.tensor([0, 0, null * bs, 1]).unsqueeze(1)
+        tables = self.host_tables[:B]
+        tables.fill_(null)
+        for i, blocks in enumerate(inp.block_tables):
+            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         dev = host.to(runner.device, non_blocking=True)
         self.input_ids[:B].copy_(dev[0])
         self.positions[:B].copy_(dev[1])
         self.slot_mapping[:B].copy_(dev[2])
         self.seq_lens[:B].copy_(dev[3])
-        tables = torch.full((B, self.width), null, dtype=torch.int32)
-        for i, blocks in enumerate(inp.block_tables):
-            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.block_tables[:B].copy_(tables.pin_memory(), non_blocking=True)
+        self.block_tables[:B].copy_(tables, non_blocking=True)
         with_lora = False
         if runner.lora_manager is not None:
             ids = inp.token_lora_ids + [0] * pad

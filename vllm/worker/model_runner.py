@@ -146,6 +146,15 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         if self.device.type != "cuda" or self.config.model_config.enforce_eager:
             return
+        from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+        unsafe = {type(m.quant_method.kernel.experts).__name__ for m in self.model.modules()
+                  if isinstance(m, FusedMoE)
+                  and not m.quant_method.kernel.experts.supports_cuda_graphs}
+        if not self.attention_backend.supports_cuda_graphs:
+            unsafe.add(type(self.attention_backend).__name__)
+        if unsafe:
+            logger.info("CUDA graphs off: %s cannot be captured", ", ".join(sorted(unsafe)))
+            return
         from vllm.worker.cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self, min(self.config.scheduler_config.max_num_seqs, 512))
         self.graphs.capture()

@@ -44,6 +44,9 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
 class AttentionBackend(ABC):
     """Computes paged causal attention for one layer."""
     name: str = ""
+    # Whether forward() reads only device tensors and shape-level host values
+    # (so a captured CUDA graph stays valid when the metadata changes).
+    supports_cuda_graphs: bool = False
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

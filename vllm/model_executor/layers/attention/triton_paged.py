@@ -139,6 +139,7 @@ class TritonAttentionBackend(AttentionBackend):
     per tile); both must be powers of two of at least 16.
     """
     name = "triton"
+    supports_cuda_graphs = True
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None):
         self.block_m = block_m

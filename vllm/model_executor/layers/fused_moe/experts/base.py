@@ -36,6 +36,9 @@ class FusedMoEExperts(ABC):
     name: ClassVar[str] = ""
     # Higher wins in ``auto`` selection among backends that can run.
     priority: ClassVar[int] = 0
+    # Whether apply() can be captured in a CUDA graph (no host syncs, no
+    # data-dependent host control flow).
+    supports_cuda_graphs: ClassVar[bool] = False
 
     def __init__(self, moe: FusedMoEConfig):
         self.moe = moe

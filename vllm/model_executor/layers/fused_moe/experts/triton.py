@@ -17,6 +17,7 @@ class TritonExperts(FusedMoEExperts):
     the routing weights folded in), sum over the k experts of each token."""
     name = "triton"
     priority = 10
+    supports_cuda_graphs = True
 
     @classmethod
     def supports_lora(cls) -> bool:
