@@ -163,3 +163,20 @@ def test_prompt_logprobs_equal_hf(path, chunk):
         for tid, lp in entry.items():
             assert abs(lp.logprob - ref[pos, tid].item()) < 1e-4
         assert entry[target].rank == int((ref[pos] > ref[pos, target]).sum()) + 1
+
+
+def test_chat_applies_the_template(llm):
+    tok = llm.get_tokenizer()
+    messages = [{"role": "user", "content": "hello there"}]
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                   use_tqdm=False)[0]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert out.prompt_token_ids == tok.encode(rendered, add_special_tokens=False)
+    direct = llm.generate({"prompt_token_ids": out.prompt_token_ids},
+                          SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+    two = llm.chat([messages, [{"role": "user", "content": "bye"}]],
+                   SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(two) == 2

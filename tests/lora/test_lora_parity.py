@@ -143,3 +143,20 @@ def test_gpu_cuda_graphs_match_eager(root):
         results.append([o.outputs[0].token_ids for o in base_only])
         del llm
     assert results[0] == results[2] and results[1] == results[3]
+
+
+@pytest.mark.parametrize("kind", ["per_expert", "peft_3d"])
+def test_fused_w13_wrapper_matches_merged_reference(root, kind, monkeypatch):
+    """The fused-gate_up LoRA wrapper (the one GPT-OSS uses) on a model whose
+    experts are stored per expert: per-expert adapters become one rank-2r
+    factor with a block-diagonal B, 3D adapters keep their shared A."""
+    from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA
+    from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+    monkeypatch.setattr(Qwen3MoeForCausalLM, "moe_lora_fused_w13", True)
+    path = model_dir(str(root), "qwen3_moe")
+    adapter = make_adapter(kind, path, str(root / f"fused-{kind}"), {"rank": 4})
+    llm = LLM(path, dtype="float32", max_model_len=256, enable_lora=True, max_lora_rank=16)
+    layers = llm.llm_engine.runner.lora_manager.layers.values()
+    assert any(isinstance(layer, FusedMoE3DWithLoRA) for layer in layers)
+    check_engine_against(llm, merged_hf_model(path, adapter), PROMPTS[:4],
+                         LoRARequest("a", 1, adapter))
