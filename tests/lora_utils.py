@@ -37,6 +37,8 @@ def _sparse_layers(model) -> list[int]:
 
 
 def _moe_prefix(model) -> str:
+    """The MoE block's module name on disk (Mixtral's checkpoints say
+    block_sparse_moe; in memory transformers 5 calls every one `mlp`)."""
     return "block_sparse_moe" if model.config.model_type == "mixtral" else "mlp"
 
 
@@ -86,10 +88,12 @@ def write_per_expert_adapter(model_path: str, out: str, *, rank: int = 8, alpha:
                     d_in, d_out = (I, H) if proj == "down_proj" else (H, I)
                     m = f"model.layers.{i}.{_moe_prefix(model)}.experts.{e}.{names.get(proj, proj)}"
                     add(m, d_in, d_out, m)
-            if shared and getattr(mlp, "shared_expert", None) is not None:
+            shared_name = next((n for n in ("shared_expert", "shared_experts")
+                                if getattr(mlp, n, None) is not None), None)
+            if shared and shared_name:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
-                    lin = getattr(mlp.shared_expert, proj)
-                    m = f"model.layers.{i}.mlp.shared_expert.{proj}"
+                    lin = getattr(getattr(mlp, shared_name), proj)
+                    m = f"model.layers.{i}.mlp.{shared_name}.{proj}"
                     add(m, lin.in_features, lin.out_features, m)
         elif dense:
             for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -106,13 +110,21 @@ def write_per_expert_adapter(model_path: str, out: str, *, rank: int = 8, alpha:
 def write_peft_3d_adapter(model_path: str, out: str, *, rank: int = 4, alpha: float = 8,
                           params: tuple[str, ...] = ("gate_up_proj", "down_proj"),
                           attention: tuple[str, ...] = ("q_proj", "o_proj"), seed: int = 0,
-                          scale: float = 0.3, **lora_kwargs) -> str:
-    """A `target_parameters` adapter made by PEFT itself, B redrawn non-zero."""
+                          scale: float = 0.3, router: bool = False,
+                          modules: tuple[str, ...] = (), **lora_kwargs) -> str:
+    """A `target_parameters` adapter made by PEFT itself, B redrawn non-zero.
+    ``router`` also adapts the router weight; ``modules`` adds more
+    target_modules (e.g. shared-expert projections)."""
     from peft import LoraConfig, get_peft_model
     model = _hf(model_path)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(attention) or None,
-                        target_parameters=[f"{_moe_prefix(model)}.experts.{p}" for p in params],
-                        **lora_kwargs)
+    # PEFT matches in-memory module names, where every MoE block is `mlp`
+    targets = [f"mlp.experts.{p}" for p in params]
+    if router:
+        targets.append("mlp.router.weight" if model.config.model_type == "gpt_oss"
+                       else "mlp.gate.weight")
+    config = LoraConfig(r=rank, lora_alpha=alpha,
+                        target_modules=list(attention) + list(modules) or None,
+                        target_parameters=targets, **lora_kwargs)
     peft_model = get_peft_model(model, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -120,17 +132,23 @@ def write_peft_3d_adapter(model_path: str, out: str, *, rank: int = 4, alpha: fl
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     peft_model.save_pretrained(out)
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    for p in params:  # PEFT only warns when a target matches nothing
+        assert any(".experts." in k for k in saved), f"PEFT matched no expert parameter {p}"
     return out
 
 
 def to_legacy_3d(src: str, out: str, model_path: str, peft_version: str | None = "0.18.1") -> str:
     """Rewrite a current 3D adapter in the orientation PEFT 0.17-0.19.0 used
-    for [E, out, in] parameters: per expert, A' = B^T and B' = A^T."""
+    for [E, out, in] parameters: per expert, A' = B^T and B' = A^T. Models
+    whose expert parameters are [E, in, out] (GPT-OSS) were stored the same
+    way by both versions: only the version changes."""
     cfg = json.load(open(os.path.join(src, "adapter_config.json")))
-    E, _, _ = _moe_dims(_hf(model_path).config)
+    config = _hf(model_path).config
+    E, _, _ = _moe_dims(config)
     tensors = load_file(os.path.join(src, "adapter_model.safetensors"))
     new = dict(tensors)
-    for key in tensors:
+    for key in tensors if config.model_type != "gpt_oss" else []:
         if ".experts." in key and key.endswith("lora_A.weight"):
             a, b = tensors[key], tensors[key.replace("lora_A", "lora_B")]
             r = a.shape[0] // E
@@ -203,6 +221,7 @@ def merged_hf_model(model_path: str, adapter_dir: str):
     version = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)",
                                              cfg.get("peft_version") or "0.17.0").groups())
     params = {n.rsplit(".", 1)[-1] for n in (cfg.get("target_parameters") or [])}
+    transposed = model.config.model_type == "gpt_oss"
     for key in tensors:
         if not key.endswith("lora_A.weight"):
             continue
@@ -224,7 +243,8 @@ def merged_hf_model(model_path: str, adapter_dir: str):
         elif experts_mod:
             layer = int(experts_mod.group(1))
             exp = model.model.layers[layer].mlp.experts
-            param = "gate_up_proj" if experts_mod.group(2) or params == {"gate_up_proj"} \
+            expert_params = params & {"gate_up_proj", "down_proj"}
+            param = "gate_up_proj" if experts_mod.group(2) or expert_params == {"gate_up_proj"} \
                 else "down_proj"
             base = re.sub(r"\.base_layer$", "", module)
             r = _pattern(cfg.get("rank_pattern") or {}, f"{base}.{param}", cfg["r"])
@@ -234,8 +254,10 @@ def merged_hf_model(model_path: str, adapter_dir: str):
                 a_e = _factor(a, a.shape[0] // r, r, e, rows=True)
                 b_e = _factor(b, b.shape[1] // r, r, e, rows=False)
                 delta = b_e @ a_e
-                if version < (0, 19, 1):
-                    delta = delta.T  # legacy: W[e] += (B_e @ A_e)^T for [E, d1, d2]
+                # [E, in, out] parameters (GPT-OSS) always take the delta
+                # transposed; [E, out, in] ones only in the legacy orientation
+                if transposed or version < (0, 19, 1):
+                    delta = delta.T
                 weight[e] += s * delta
         else:
             lin = model.get_submodule(module)

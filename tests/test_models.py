@@ -6,7 +6,7 @@ from tests.utils import (ARCHS, PROMPTS, assert_greedy_consistent, engine_prefil
                          hf_logits, hf_model, model_dir, relative_max_error)
 from vllm import LLM, SamplingParams
 
-VARIANTS = [(arch, {}) for arch in ARCHS] + [
+VARIANTS = [(arch, {}) for arch in ARCHS + ["glm4_moe", "gpt_oss"]] + [
     # dense layers between sparse ones, tied embeddings
     ("qwen3_moe", {"num_hidden_layers": 3, "mlp_only_layers": [0], "decoder_sparse_step": 2,
                    "tie_word_embeddings": True}),
@@ -15,6 +15,9 @@ VARIANTS = [(arch, {}) for arch in ARCHS] + [
     # sliding-window attention shorter than the prompts
     ("mixtral", {"sliding_window": 6}),
     ("olmoe", {"clip_qkv": 0.5}),
+    # GLM without grouping, full rotary, no q/k norm
+    ("glm4_moe", {"n_group": 1, "topk_group": 1, "use_qk_norm": False,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
 ]
 
 
@@ -74,7 +77,7 @@ def test_checkpoint_is_streamed_from_shards(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["glm4_moe", "gpt_oss"])
 def test_gpu_engine_matches_hf(arch, tmp_path_factory):
     """The CUDA path (Triton attention and experts) in float32 against HF on CPU."""
     path = model_dir(str(tmp_path_factory.getbasetemp()), arch)
@@ -92,14 +95,15 @@ def test_gpu_engine_matches_hf(arch, tmp_path_factory):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_gpu_triton_experts_engine_bf16(backend, tmp_path_factory):
+def test_gpu_triton_experts_engine_bf16(arch, backend, tmp_path_factory):
     """bf16 on the GPU with each LoRA-capable experts backend, against the
     float32 reference: our error must be no larger than transformers' own
     bf16 error on the same GPU (bf16 keeps ~3 significant digits per op and
     an expert choice can flip on a near-tie, so a fixed bound would be a guess)."""
     from transformers import AutoModelForCausalLM
-    path = model_dir(str(tmp_path_factory.getbasetemp()), "qwen3_moe")
+    path = model_dir(str(tmp_path_factory.getbasetemp()), arch)
     llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=256, moe_backend=backend)
     tok = llm.get_tokenizer()
     hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
@@ -113,3 +117,22 @@ def test_gpu_triton_experts_engine_bf16(backend, tmp_path_factory):
         def err(x):
             return ((x - ref).norm() / ref.norm()).item()
         assert err(ours) <= 1.5 * err(theirs) + 1e-3, (err(ours), err(theirs))
+
+
+def test_glm_mtp_layers_in_checkpoint_are_skipped(tmp_path):
+    """GLM-4.5 checkpoints carry multi-token-prediction layers after the last
+    decoder layer; loading ignores them."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    src = model_dir(str(tmp_path), "glm4_moe")
+    dst = tmp_path / "with_mtp"
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    n = 3  # the tiny GLM's num_hidden_layers
+    for key in [k for k in weights if k.startswith("model.layers.2.")]:
+        weights[key.replace("model.layers.2.", f"model.layers.{n}.")] = weights[key].clone()
+    weights[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(weights, dst / "model.safetensors")
+    llm = LLM(str(dst), dtype="float32", max_model_len=128)
+    ids = llm.get_tokenizer().encode(PROMPTS[1])
+    assert relative_max_error(engine_prefill_logits(llm, ids), hf_logits(src, ids)) < 1e-4

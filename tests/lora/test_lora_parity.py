@@ -65,6 +65,15 @@ CASES = [
     # drops the per-expert factors (FORMATS.md): merged reference only
     ("qwen2_moe", {}, "per_expert", {"shared": True}, False),
     ("qwen2_moe", {}, "peft_3d", {}, True),
+    # per-expert names in target_modules: PEFT 0.21 maps gate/up/down_proj to
+    # the routed experts and drops the shared experts' factors
+    ("glm4_moe", {}, "per_expert", {"shared": True}, False),
+    ("glm4_moe", {}, "peft_3d", {"modules": ("gate_proj", "up_proj", "down_proj")}, True),
+    ("glm4_moe", {}, "peft_3d", {"router": True, "attention": ("k_proj",)}, True),
+    # GPT-OSS: fused, transposed, interleaved experts (the fused-gate_up LoRA wrapper)
+    ("gpt_oss", {}, "peft_3d", {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}, True),
+    ("gpt_oss", {}, "peft_3d", {"params": ("gate_up_proj",), "router": True}, True),
+    ("gpt_oss", {}, "legacy_3d", {}, False),
 ]
 
 
@@ -160,3 +169,24 @@ def test_fused_w13_wrapper_matches_merged_reference(root, kind, monkeypatch):
     assert any(isinstance(layer, FusedMoE3DWithLoRA) for layer in layers)
     check_engine_against(llm, merged_hf_model(path, adapter), PROMPTS[:4],
                          LoRARequest("a", 1, adapter))
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "gpt_oss"])
+def test_mixed_batch_new_architectures(root, arch):
+    """Two adapters of different formats and the base model in one batch."""
+    path = model_dir(str(root), arch)
+    adapters = [make_adapter("peft_3d", path, str(root / f"mix-{arch}-0"),
+                             {"seed": 7, "router": True}),
+                make_adapter("per_expert" if arch == "glm4_moe" else "peft_3d", path,
+                             str(root / f"mix-{arch}-1"), {"seed": 8, "rank": 8})]
+    refs = [merged_hf_model(path, a) for a in adapters]
+    llm = LLM(path, dtype="float32", max_model_len=256, enable_lora=True, max_loras=2,
+              max_lora_rank=16)
+    tok = llm.get_tokenizer()
+    loras = [LoRARequest(f"a{i % 3}", i % 3 + 1, adapters[i % 3]) if i % 3 < 2 else None
+             for i in range(6)]
+    outs = llm.generate(PROMPTS[:6], GREEDY, lora_request=loras, use_tqdm=False)
+    for i, out in enumerate(outs):
+        ref = path if loras[i] is None else refs[i % 3]
+        c = out.outputs[0]
+        assert_greedy_consistent(ref, tok.encode(PROMPTS[i]), c.token_ids, c.logprobs)

@@ -240,7 +240,8 @@ def read_peft_adapter(name: str, int_id: int, path: str, *,
         if a.dim() != 2 or b.dim() != 2:
             raise LoRAError(f"module {peft_module!r}: LoRA factors must be 2-D, got "
                             f"{tuple(a.shape)} and {tuple(b.shape)}")
-        module = rename(peft_module)
+        # renames are written for parameter keys ("...mlp.router.weight")
+        module = rename(peft_module + ".")[:-1]
         stripped = re.sub(r"(\.base_layer)+$", "", module)
         if stripped in moe_targets:
             _read_fused_experts(adapter, cfg, peft_module, module, a, b, moe_targets[stripped])
@@ -307,7 +308,7 @@ def _fused_param(cfg: AdapterConfig, module: str) -> str:
     wrapper per targeted parameter and gate_up is innermost, so
     ``experts.base_layer`` is gate_up; a lone ``experts`` is whichever single
     parameter ``target_parameters`` names (or down when both are named)."""
-    names = {t.rsplit(".", 1)[-1] for t in cfg.target_parameters}
+    names = {t.rsplit(".", 1)[-1] for t in cfg.target_parameters} & {"gate_up_proj", "down_proj"}
     if module.endswith(".base_layer"):
         return "gate_up_proj"
     if names == {"gate_up_proj"}:

@@ -47,6 +47,8 @@ ARCHS = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 
 
@@ -87,6 +89,23 @@ def tiny_config(arch: str, vocab_size: int, eos_id: int, **overrides: Any):
                           shared_expert_intermediate_size=48, norm_topk_prob=False),
         "mixtral": dict(num_local_experts=8, intermediate_size=32),
         "olmoe": dict(num_experts=8, intermediate_size=32, norm_topk_prob=False),
+        # 3 layers: the first dense; 8 experts in 2 groups (pick 1); partial
+        # rotary; q/k norm and q/k/v biases on
+        "glm4_moe": dict(num_hidden_layers=3, n_routed_experts=8, moe_intermediate_size=32,
+                         intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
+                         n_group=2, topk_group=1, norm_topk_prob=True,
+                         routed_scaling_factor=1.5, use_qk_norm=True, attention_bias=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.5}),
+        # sliding window shorter than the test prompts on alternate layers;
+        # YaRN rotary as the real checkpoints
+        "gpt_oss": dict(num_local_experts=8, intermediate_size=32, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"],
+                        attention_bias=True, swiglu_limit=7.0,
+                        rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "truncate": False,
+                                         "original_max_position_embeddings": 128,
+                                         "rope_theta": 150000.0}),
     }[arch]
     kwargs = {**common, **per_arch, **overrides}
     if arch == "olmoe":
@@ -116,6 +135,9 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 scale *= 3.0
             value = noise * scale
         param.copy_(value.to(param.dtype))
+    for name, buf in sorted(model.named_buffers()):
+        if name.endswith("e_score_correction_bias"):  # steers expert choice only
+            buf.copy_(0.05 * torch.randn(buf.shape, generator=gen))
 
 
 def make_tiny_model(arch: str, out_dir: str, seed: int = 0, dtype: str = "float32",

@@ -62,5 +62,7 @@ class LinearWithLoRA(BaseLayerWithLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer.matmul(x)
         if self.touched_this_step():
-            self.punica.add_lora_linear(y, x, self.lora_a, self.lora_b, self.slice_offsets)
+            # a float32 layer (e.g. a router) with adapters in the model dtype
+            x_lora = x.to(self.lora_a[0].dtype)
+            self.punica.add_lora_linear(y, x_lora, self.lora_a, self.lora_b, self.slice_offsets)
         return self.base_layer.reduce(y)

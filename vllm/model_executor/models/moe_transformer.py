@@ -61,6 +61,7 @@ class MoESpec:
     activation: MoEActivation = field(default_factory=MoEActivation)
     expert_bias: bool = False
     router_bias: bool = False
+    router_fp32: bool = False            # router logits computed in float32 (GLM-4.5)
     correction_bias: bool = False
     shared_intermediate_size: int = 0
     shared_gate: bool = False
@@ -169,7 +170,9 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, spec: MoESpec, hidden_size: int, act: str, ctx: ModelBuildContext,
                  prefix: str):
         super().__init__()
-        self.gate = ReplicatedLinear(hidden_size, spec.num_experts, spec.router_bias, ctx.dtype)
+        self.router_fp32 = spec.router_fp32
+        self.gate = ReplicatedLinear(hidden_size, spec.num_experts, spec.router_bias,
+                                     torch.float32 if spec.router_fp32 else ctx.dtype)
         self.experts = FusedMoE(
             spec.num_experts, spec.top_k, hidden_size, spec.intermediate_size,
             params_dtype=ctx.dtype, router=spec.router, parallel=ctx.parallel,
@@ -186,7 +189,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x))
+        out = self.experts(x, self.gate(x.float() if self.router_fp32 else x))
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -262,6 +265,8 @@ class MoEForCausalLM(nn.Module):
     # Stacked expert parameters in transformers are [E, out, in] for most
     # models and [E, in, out] for some (GPT-OSS); legacy 3D adapters depend on it.
     experts_out_in_layout: ClassVar[bool] = True
+    # Checkpoints store stacked experts as [E, in, out] (GPT-OSS).
+    fused_experts_transposed: ClassVar[bool] = False
     # Expert LoRA as one fused gate_up factor pair per expert (True) or
     # separate gate and up factors (False).
     moe_lora_fused_w13: ClassVar[bool] = False
@@ -306,19 +311,22 @@ class MoEForCausalLM(nn.Module):
 
     def load_fused_expert_tensor(self, module: FusedMoE, param_name: str, tensor: torch.Tensor
                                  ) -> list[tuple[str, tuple[str, int]]]:
-        """Load a tensor stacking every expert, named ``<experts>.<param_name>``.
-
-        This is transformers 5's in-memory layout (``gate_up_proj [E, 2I, H]``
-        with gate rows first, ``down_proj [E, H, I]``); architectures that
-        store experts differently override it. Returns the (parameter,
-        (shard id, expert)) pairs it loaded."""
-        shard = {"gate_up_proj": "w13", "down_proj": "w2"}.get(param_name)
-        if shard is None or tensor.dim() != 3:
+        """Load a tensor stacking every expert, named ``<experts>.<param_name>``:
+        ``gate_up_proj`` / ``down_proj`` (+ ``_bias``). Stored ``[E, out, in]``
+        (transformers' in-memory layout, gate rows then up rows) unless the
+        architecture declares ``fused_experts_transposed`` (``[E, in, out]``,
+        GPT-OSS). Returns the (parameter, (shard id, expert)) pairs loaded."""
+        bias = param_name.endswith("_bias")
+        shard = {"gate_up_proj": "w13", "down_proj": "w2"}.get(param_name.removesuffix("_bias"))
+        if shard is None or tensor.dim() != (2 if bias else 3):
             raise WeightShapeError(f"unexpected stacked expert tensor {param_name!r}")
-        target = "w13_weight" if shard == "w13" else "w2_weight"
+        target = f"{shard}_{'bias' if bias else 'weight'}"
         param = getattr(module, target)
         for e in range(tensor.shape[0]):
-            module.weight_loader(param, tensor[e], shard, e)
+            part = tensor[e]
+            if not bias and self.fused_experts_transposed:
+                part = part.T
+            module.weight_loader(param, part, shard, e)
         return [(target, (shard, e)) for e in range(tensor.shape[0])]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -10,7 +10,9 @@ import torch
 @dataclass(frozen=True)
 class RouterConfig:
     top_k: int
-    scoring: str = "softmax"             # "softmax" or "sigmoid"
+    # "softmax" (over all experts), "sigmoid", or "topk_softmax" (softmax over
+    # the k largest logits only, as GPT-OSS)
+    scoring: str = "softmax"
     renormalize: bool = True
     num_expert_groups: int = 1           # > 1: pick ``topk_groups`` groups first
     topk_groups: int = 1
@@ -26,6 +28,9 @@ def select_experts(router_logits: torch.Tensor, cfg: RouterConfig,
     chosen; the weights come from the unbiased scores.
     """
     logits = router_logits.float()
+    if cfg.scoring == "topk_softmax":
+        top = logits.topk(cfg.top_k, dim=-1)
+        return torch.softmax(top.values, dim=-1), top.indices.to(torch.int32)
     if cfg.scoring == "softmax":
         scores = torch.softmax(logits, dim=-1)
     elif cfg.scoring == "sigmoid":
