@@ -88,10 +88,6 @@ class RequestStream:
                 self._pending.discard(item.request_id)
             yield item
 
-    @property
-    def finished(self) -> bool:
-        return not self._pending
-
     def close(self) -> None:
         """Abort the requests that have not finished (idempotent, never blocks)."""
         if self._pending:
@@ -99,7 +95,7 @@ class RequestStream:
             self._pending.clear()
 
 
-_Command = tuple[Callable[[], Any], "concurrent.futures.Future | None"]
+_Command = tuple[Callable[[], Any], concurrent.futures.Future | None]
 
 
 class AsyncLLMEngine:

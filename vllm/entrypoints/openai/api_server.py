@@ -122,6 +122,8 @@ def build_app(components: ServerComponents, api_key: str | None = None,
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail)).response()
 
+    # Exception: a bug still answers in OpenAI's shape (uvicorn logs the traceback)
+    @app.exception_handler(Exception)
     @app.exception_handler(APIError)
     @app.exception_handler(ValueError)
     @app.exception_handler(EngineDeadError)
@@ -197,15 +199,16 @@ def create_components(llm_engine: LLMEngine, served_model_names: list[str] | Non
     """Start the engine thread around ``llm_engine`` and build the handlers."""
     from transformers import AutoTokenizer
 
-    mc = llm_engine.config.model_config
+    config = llm_engine.config
+    mc = config.model_config
     registry = CollectorRegistry()
     engine = AsyncLLMEngine(llm_engine, EngineMetrics(registry, mc.served_model_name))
     models = OpenAIServingModels(engine, served_model_names or [mc.served_model_name], mc.model,
                                  mc.max_model_len)
     # the frontend's own tokenizer: the engine's belongs to the engine thread
     tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
-    completion = OpenAIServingCompletion(engine, models, tokenizer, mc.vocab_size)
-    chat = OpenAIServingChat(engine, models, tokenizer, mc.vocab_size, chat_template)
+    completion = OpenAIServingCompletion(engine, models, tokenizer, config)
+    chat = OpenAIServingChat(engine, models, tokenizer, config, chat_template)
     return ServerComponents(engine, models, completion, chat, registry)
 
 
@@ -226,7 +229,12 @@ async def build_components(args: argparse.Namespace) -> ServerComponents:
 async def serve(args: argparse.Namespace) -> None:
     components = await build_components(args)
     api_key = args.api_key or envs.VLLM_API_KEY
-    app = build_app(components, api_key, envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+    runtime_lora = envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING
+    app = build_app(components, api_key, runtime_lora)
+    logger.info("serving %s with adapters [%s]; API key %s; runtime adapter loading %s",
+                ", ".join(components.models.served_model_names),
+                ", ".join(components.models.loras), "required" if api_key else "off",
+                "on" if runtime_lora else "off")
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level,
                             access_log=not args.disable_uvicorn_access_log)

@@ -7,6 +7,7 @@ from typing import Any
 import jinja2
 from fastapi.responses import StreamingResponse
 
+from vllm.config import VllmConfig
 from vllm.engine.async_engine import AsyncLLMEngine, GenerationRequest, RequestStream
 from vllm.entrypoints.openai.errors import APIError
 from vllm.entrypoints.openai.protocol import (ChatCompletionLogProb, ChatCompletionLogProbs,
@@ -47,8 +48,8 @@ class OpenAIServingChat(OpenAIServing):
     server's ``--chat-template``) overrides the tokenizer's template."""
 
     def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels, tokenizer: Any,
-                 vocab_size: int, chat_template: str | None = None):
-        super().__init__(engine, models, tokenizer, vocab_size)
+                 config: VllmConfig, chat_template: str | None = None):
+        super().__init__(engine, models, tokenizer, config)
         self.chat_template = chat_template
 
     async def create_chat_completion(self, request: ChatCompletionRequest

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from vllm.config import VllmConfig
 from vllm.engine.async_engine import AsyncLLMEngine, GenerationRequest, RequestStream
 from vllm.engine.detokenizer import token_text
 from vllm.entrypoints.openai.errors import APIError, to_api_error
@@ -74,15 +75,20 @@ class OpenAIServing:
     """Base of the completion and chat handlers."""
 
     def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels, tokenizer: Any,
-                 vocab_size: int):
+                 config: VllmConfig):
         self.engine = engine
         self.models = models
         self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
+        self.vocab_size = config.model_config.vocab_size
+        self.max_n = config.scheduler_config.max_num_seqs
 
     def sampling_params(self, request: SamplingRequest, max_tokens: int | None,
                         logprobs: int | None, prompt_logprobs: int | None = None
                         ) -> SamplingParams:
+        # every sample is a sequence of its own: bound them like a batch
+        if request.n > self.max_n:
+            raise APIError(400, f"n must be at most {self.max_n} (--max-num-seqs), "
+                                f"got {request.n}", param="n")
         try:
             params = request.build_sampling_params(max_tokens, logprobs, prompt_logprobs)
         except ValueError as e:
