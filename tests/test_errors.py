@@ -121,3 +121,13 @@ def test_engine_args_from_cli():
             args.tensor_parallel_size) == ("m", 128, True, 4, 2)
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--dtype", "int3"])
+
+
+def test_stop_token_and_logprob_limits_are_checked_at_submit(llm):
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        llm.generate("x", SamplingParams(stop_token_ids=[10**7]), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="max-logprobs"):
+        llm.generate("x", SamplingParams(logprobs=21), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="max-logprobs"):
+        llm.generate("x", SamplingParams(prompt_logprobs=100), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()

@@ -35,6 +35,7 @@ class ModelConfig:
     hf_config: Any
     enforce_eager: bool = False
     quantization: str | None = None
+    max_logprobs: int = 20
 
     @property
     def architecture(self) -> str:
@@ -50,7 +51,8 @@ class ModelConfig:
     @staticmethod
     def create(model: str, tokenizer: str | None, dtype: str, max_model_len: int | None,
                seed: int, served_model_name: str | None, device: str,
-               enforce_eager: bool = False, quantization: str | None = None) -> "ModelConfig":
+               enforce_eager: bool = False, quantization: str | None = None,
+               max_logprobs: int = 20) -> "ModelConfig":
         from transformers import AutoConfig
 
         if not os.path.isdir(model):
@@ -74,7 +76,8 @@ class ModelConfig:
         return ModelConfig(model=model, tokenizer=tokenizer or model, dtype=torch_dtype,
                            max_model_len=max_model_len, seed=seed,
                            served_model_name=served_model_name or model, hf_config=hf_config,
-                           enforce_eager=enforce_eager, quantization=quantization)
+                           enforce_eager=enforce_eager, quantization=quantization,
+                           max_logprobs=max_logprobs)
 
 
 def resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:

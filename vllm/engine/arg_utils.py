@@ -33,6 +33,7 @@ class EngineArgs:
     attention_backend: str = "auto"
     served_model_name: str | list[str] | None = None
     quantization: str | None = None
+    max_logprobs: int = 20
     # LoRA
     enable_lora: bool = False
     max_loras: int = 1
@@ -73,6 +74,8 @@ class EngineArgs:
         add("--attention-backend", type=str, default="auto", choices=["auto", "torch", "triton"])
         add("--served-model-name", type=str, nargs="+", default=None,
             help="model name(s) in the API (default: the model path)")
+        add("--max-logprobs", type=int, default=20,
+            help="largest logprobs / prompt_logprobs a request may ask for")
         add("--quantization", "-q", type=str, default=None,
             help="quantization method (default: read from the checkpoint)")
         add("--enable-lora", action="store_true", help="serve LoRA adapters")
@@ -104,7 +107,7 @@ class EngineArgs:
             names = names[0] if names else None
         model = ModelConfig.create(self.model, self.tokenizer, self.dtype, self.max_model_len,
                                    self.seed, names, device.device, self.enforce_eager,
-                                   self.quantization)
+                                   self.quantization, self.max_logprobs)
         cache = CacheConfig(self.block_size, self.gpu_memory_utilization,
                             self.num_gpu_blocks_override)
         cache.validate()

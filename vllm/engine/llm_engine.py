@@ -82,8 +82,19 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def validate_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse, with a clear message, anything that could not run: the
+        engine loop must never meet an input it cannot process."""
         mc = self.config.model_config
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < mc.vocab_size]
+        if bad_stops:
+            raise InvalidRequestError(f"stop_token_ids: {bad_stops[0]} is outside the "
+                                      f"vocabulary (size {mc.vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > mc.max_logprobs:
+                raise InvalidRequestError(f"{name}={value} is above the maximum "
+                                          f"{mc.max_logprobs} (--max-logprobs)")
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
         vocab = mc.vocab_size
@@ -109,7 +120,7 @@ class LLMEngine:
         if request_id in self.requests or request_id in self.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
-        self.validate_prompt(token_ids, params)
+        self.validate_request(token_ids, params)
         if lora_request is not None:
             self.add_lora(lora_request)
         params = self._with_stop_ids(params)

@@ -79,7 +79,6 @@ class OpenAIServing:
         self.engine = engine
         self.models = models
         self.tokenizer = tokenizer
-        self.vocab_size = config.model_config.vocab_size
         self.max_n = config.scheduler_config.max_num_seqs
 
     def sampling_params(self, request: SamplingRequest, max_tokens: int | None,
@@ -93,11 +92,6 @@ class OpenAIServing:
             params = request.build_sampling_params(max_tokens, logprobs, prompt_logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        # a stop token outside the vocabulary would index past the logits
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise APIError(400, f"stop_token_ids: {bad[0]} is outside the vocabulary "
-                                f"(size {self.vocab_size})", param="stop_token_ids")
         return params
 
     async def start(self, requests: list[GenerationRequest]) -> RequestStream:
