@@ -65,6 +65,7 @@ class ModelConfig:
         except Exception as e:  # transformers raises many types; name the file
             raise ConfigError(f"cannot read {model}/config.json: {e}") from e
         torch_dtype = resolve_dtype(dtype, hf_config, device)
+        quantization = _resolve_quantization(model, hf_config, quantization)
         derived = _derived_max_len(hf_config)
         if max_model_len is None:
             max_model_len = derived
@@ -95,6 +96,15 @@ def resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
     if device == "cuda" and ckpt == torch.float32:
         return torch.bfloat16
     return ckpt
+
+
+def _resolve_quantization(model: str, hf_config: Any, requested: str | None) -> str | None:
+    """The checkpoint's quantization method (``--quantization`` must agree)."""
+    from vllm.model_executor.quantization import QuantizationError, resolve_quantization
+    try:
+        return resolve_quantization(model, hf_config, requested)
+    except QuantizationError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _derived_max_len(hf_config: Any) -> int:
@@ -161,7 +171,11 @@ class LoRAConfig:
     lora_dtype: torch.dtype | str = "auto"
     fully_sharded_loras: bool = False
 
-    def validate(self, model_dtype: torch.dtype) -> None:
+    def validate(self, model_dtype: torch.dtype, tensor_parallel_size: int = 1) -> None:
+        if self.fully_sharded_loras and self.max_lora_rank % tensor_parallel_size:
+            raise ConfigError(f"--fully-sharded-loras needs --max-lora-rank "
+                              f"({self.max_lora_rank}) divisible by --tensor-parallel-size "
+                              f"({tensor_parallel_size})")
         if self.max_loras < 1:
             raise ConfigError(f"--max-loras must be >= 1, got {self.max_loras}")
         if self.max_lora_rank < 1:

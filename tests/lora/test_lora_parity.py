@@ -190,3 +190,17 @@ def test_mixed_batch_new_architectures(root, arch):
         ref = path if loras[i] is None else refs[i % 3]
         c = out.outputs[0]
         assert_greedy_consistent(ref, tok.encode(PROMPTS[i]), c.token_ids, c.logprobs)
+
+
+def test_fused_layout_rank_overflow_is_refused_at_load(root):
+    """A per-expert adapter of rank 8 on a model whose expert LoRA is fused
+    (GPT-OSS) needs rank 16 for gate+up: refused when the request arrives,
+    with the reason, and the engine keeps serving."""
+    from vllm.lora.peft import LoRAError
+    path = model_dir(str(root), "gpt_oss")
+    adapter = write_per_expert_adapter(path, str(root / "oss-per-expert"), rank=8, attention=())
+    llm = LLM(path, dtype="float32", max_model_len=128, enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRAError, match="rank 16 .* above --max-lora-rank 8"):
+        llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("a", 1, adapter),
+                     use_tqdm=False)
+    assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids

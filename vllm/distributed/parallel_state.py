@@ -14,10 +14,13 @@ import torch.distributed as dist
 
 @dataclass
 class DeviceGroup:
-    """The ranks that cooperate along one parallel dimension."""
+    """The ranks that cooperate along one parallel dimension. ``group``
+    carries tensors (NCCL on GPUs, gloo on CPUs); ``cpu_group`` (gloo)
+    carries Python objects such as each step's inputs."""
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None
+    cpu_group: dist.ProcessGroup | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -32,12 +35,34 @@ class DeviceGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def all_reduce_min(self, value: int) -> int:
+        """The smallest of every rank's ``value`` (over the CPU group)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
+
     def broadcast_object(self, obj: object | None = None, src: int = 0) -> object:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.group)
+        dist.broadcast_object_list(box, src=src, group=self.cpu_group)
         return box[0]
+
+
+def init_distributed(rank: int, world_size: int, device: str, init_method: str,
+                     timeout_s: float = 1800) -> DeviceGroup:
+    """Join the process group of an engine's workers; returns the
+    tensor-parallel group (all ranks)."""
+    from datetime import timedelta
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    return DeviceGroup(rank, world_size, dist.group.WORLD, cpu_group)
 
 
 @dataclass
@@ -54,6 +79,10 @@ class ParallelContext:
         return ParallelContext(tp=DeviceGroup())
 
     @property
+    def is_driver(self) -> bool:
+        return self.tp.rank == 0
+
+    @property
     def moe_tp_size(self) -> int:
         return 1 if self.enable_expert_parallel else self.tp.world_size
 
@@ -68,3 +97,8 @@ class ParallelContext:
     @property
     def ep_rank(self) -> int:
         return self.tp.rank if self.enable_expert_parallel else 0
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -125,5 +125,5 @@ class EngineArgs:
         if self.enable_lora:
             lora = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras,
                               self.lora_dtype, self.fully_sharded_loras)
-            lora.validate(model.dtype)
+            lora.validate(model.dtype, parallel.tensor_parallel_size)
         return VllmConfig(model, device, cache, sched, parallel, kernel, lora)

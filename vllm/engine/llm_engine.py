@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,9 +19,26 @@ from vllm.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm.sampling_params import SamplingParams
 from vllm.worker.model_runner import ModelRunner
 
+if TYPE_CHECKING:
+    from vllm.executor.base import Executor
+
 logger = init_logger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]
+
+
+def make_executor(config: VllmConfig, progress: bool) -> "Executor":
+    """One process for a single rank; otherwise the configured backend."""
+    from vllm.executor.base import UniprocExecutor
+    parallel = config.parallel_config
+    if parallel.world_size == 1:
+        return UniprocExecutor(ModelRunner(config, progress=progress))
+    backend = parallel.distributed_executor_backend or "mp"
+    if backend == "ray":
+        from vllm.executor.ray_executor import RayExecutor
+        return RayExecutor(config, progress)
+    from vllm.executor.multiproc import MultiprocExecutor
+    return MultiprocExecutor(config, progress)
 
 
 class InvalidRequestError(ValueError):
@@ -44,10 +61,9 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
         self.eos_token_ids = self._eos_token_ids(mc.model)
         torch.manual_seed(mc.seed)
-        self.runner = ModelRunner(config, progress=progress)
-        num_blocks = self.runner.determine_num_blocks()
-        self.runner.init_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs()
+        self.executor = make_executor(config, progress)
+        self.runner = self.executor.driver  # rank 0: prepares inputs, samples
+        num_blocks = self.executor.initialize_cache()
         config.cache_config.num_blocks = num_blocks
         self.block_manager = BlockManager(num_blocks, config.cache_config.block_size)
         lora = config.lora_config
@@ -59,6 +75,10 @@ class LLMEngine:
         logger.info("engine ready: %s on %s, dtype %s, %d KV blocks of %d tokens",
                     mc.architecture, config.device_config.device, mc.dtype, num_blocks,
                     config.cache_config.block_size)
+
+    def shutdown(self) -> None:
+        """Stop worker processes (if any). The engine is unusable afterwards."""
+        self.executor.shutdown()
 
     @classmethod
     def from_engine_args(cls, engine_args: Any, progress: bool = True) -> "LLMEngine":
@@ -151,14 +171,14 @@ class LLMEngine:
         if self.config.lora_config is None:
             raise InvalidRequestError("a LoRA adapter was requested but LoRA is not enabled "
                                       "(start the engine with enable_lora=True)")
-        self.runner.add_lora(lora_request)
+        self.executor.add_lora(lora_request)
 
     def remove_lora(self, lora_int_id: int) -> bool:
         in_use = [r for r in self.requests.values() if r.lora_int_id == lora_int_id]
         if in_use:
             raise InvalidRequestError(f"adapter {lora_int_id} is in use by "
                                       f"{len(in_use)} unfinished request(s)")
-        return self.runner.remove_lora(lora_int_id)
+        return self.executor.remove_lora(lora_int_id)
 
     def _with_stop_ids(self, params: SamplingParams) -> SamplingParams:
         stops = set(params.stop_token_ids)
@@ -193,7 +213,7 @@ class LLMEngine:
         sampling_requests = [r for r, n in zip(batch.requests, batch.num_new_tokens)
                              if r.num_computed_tokens + n == r.num_tokens]
         sampling = self.runner.sampling_metadata(sampling_requests) if sampling_requests else None
-        result = self.runner.execute(model_input, sampling)
+        result = self.executor.execute(model_input, sampling)
         return self._process(batch, sampling_requests, result)
 
     def _process(self, batch: ScheduledBatch, sampled: list[Request], result) -> list[RequestOutput]:

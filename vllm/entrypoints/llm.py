@@ -27,6 +27,11 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._ids = itertools.count()
 
+    def __del__(self):
+        engine = getattr(self, "llm_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

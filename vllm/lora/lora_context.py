@@ -9,6 +9,7 @@ off.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,10 @@ import torch
 
 if TYPE_CHECKING:
     from vllm.lora.punica_wrapper.base import PunicaWrapperBase
+
+# Applied to a shrink output [S, rows, R] before its expand: the collective of
+# fully sharded LoRA (all-gather over the rank dim, or all-reduce of partial sums).
+ShrinkCombine = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -34,7 +39,19 @@ class MoELoRAContext:
     w13_num_slices: int
     w13_slice_offsets: list[int]       # first column of each slice in GEMM-1 output rows
     punica: "PunicaWrapperBase"
+    # fully sharded LoRA under tensor parallelism: w13's A holds this rank's
+    # share of the rank dim (gathered after shrink); w2's B holds this rank's
+    # rows of the hidden dim (the shrink is all-reduced first), written from
+    # column ``w2_out_offset`` of GEMM-2's output
+    w13_shrink_combine: ShrinkCombine | None = None
+    w2_shrink_combine: ShrinkCombine | None = None
+    w2_out_offset: int = 0
 
     @property
     def max_rank(self) -> int:
+        """The rank as stored in the w2 shrink (w13's A may hold a share)."""
         return self.w2_lora_a.shape[2]
+
+    @property
+    def w13_rank(self) -> int:
+        return self.w13_lora_a[0].shape[2]

@@ -108,6 +108,8 @@ class LoRAModelManager:
             linear_targets=self.linear_targets, moe_targets=self.moe_targets,
             expert_shards=getattr(self.model, "expert_shards", {}),
             rename=self.model.rename_checkpoint_key, max_rank=self.config.max_lora_rank)
+        for name, layer in self.layers.items():
+            layer.check_lora(self._layer_weights(adapter, name, layer))
         self.registered[request.lora_int_id] = request
         self.cpu_cache[request.lora_int_id] = adapter
         while len(self.cpu_cache) > self.config.max_cpu_loras:

@@ -23,6 +23,7 @@ from vllm.model_executor.layers.attention.selector import get_attention_backend
 from vllm.model_executor.layers.sampler import (PromptLogprobsOutput, Sampler, SamplerOutput,
                                                 SamplingMetadata)
 from vllm.model_executor.model_loader.loader import load_model
+from vllm.model_executor.quantization import get_quantization_config
 
 logger = init_logger(__name__)
 
@@ -58,7 +59,8 @@ class ModelRunner:
             hf_config=mc.hf_config, dtype=mc.dtype, device=self.device.type,
             attention_backend=self.attention_backend, max_model_len=mc.max_model_len,
             parallel=self.parallel, moe_backend=config.kernel_config.moe_backend,
-            lora_enabled=config.lora_config is not None)
+            lora_enabled=config.lora_config is not None,
+            quant_config=get_quantization_config(mc.model, mc.hf_config, mc.architecture))
         self.model = load_model(mc.model, mc.architecture, ctx, progress=progress)
         self.lora_manager = None
         if config.lora_config is not None:

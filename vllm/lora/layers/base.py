@@ -35,6 +35,11 @@ class BaseLayerWithLoRA(nn.Module):
     @abstractmethod
     def reset_lora(self, slot: int) -> None: ...
 
+    def check_lora(self, weights: Any) -> None:
+        """Raise LoRAError if ``set_lora`` could not take these weights (run
+        when an adapter is loaded, before any slot is touched)."""
+        return None
+
     def set_mapping(self, punica: PunicaWrapperBase) -> None:
         """Called once per step, after the punica wrapper got the step's mapping."""
         self.punica = punica
@@ -51,3 +56,21 @@ def copy_padded(dst: torch.Tensor, src: torch.Tensor) -> None:
     (lower ranks are zero-padded up to the slot's rank)."""
     dst.zero_()
     dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
+
+
+def padded(t: torch.Tensor, rank_dim: int, rank: int) -> torch.Tensor:
+    """``t`` zero-padded along ``rank_dim`` to ``rank`` (before a fully
+    sharded layer takes its share of the rank dimension)."""
+    if t.shape[rank_dim] == rank:
+        return t
+    shape = list(t.shape)
+    shape[rank_dim] = rank
+    out = t.new_zeros(shape)
+    out.narrow(rank_dim, 0, t.shape[rank_dim]).copy_(t)
+    return out
+
+
+def rank_share(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's equal share of ``t`` along ``dim``."""
+    n = t.shape[dim] // world
+    return t.narrow(dim, rank * n, n)

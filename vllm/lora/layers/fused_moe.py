@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from vllm.config import LoRAConfig
-from vllm.lora.layers.base import BaseLayerWithLoRA, copy_padded
+from vllm.lora.layers.base import BaseLayerWithLoRA, copy_padded, padded, rank_share
 from vllm.lora.lora_context import MoELoRAContext
 from vllm.lora.peft import LoRAError, LoRALinearWeights, MoELoRAWeights
 from vllm.lora.punica_wrapper.base import PunicaWrapperBase
@@ -46,10 +46,15 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
             return torch.zeros(*shape, dtype=config.lora_dtype, device=device)
 
         self.max_loras = max_loras
-        self.w13_lora_a = [zeros(max_loras, E, R, H) for _ in range(self.w13_num_slices)]
+        self.max_rank = R
+        # fully sharded under tensor parallelism: w13's A keeps this rank's
+        # share of the rank dim, w2's B its share of the hidden dim
+        self.fully_sharded = config.fully_sharded_loras and cfg.tp_size > 1
+        shard = cfg.tp_size if self.fully_sharded else 1
+        self.w13_lora_a = [zeros(max_loras, E, R // shard, H) for _ in range(self.w13_num_slices)]
         self.w13_lora_b = [zeros(max_loras, E, n, R) for _ in range(self.w13_num_slices)]
         self.w2_lora_a = zeros(max_loras, E, R, I)
-        self.w2_lora_b = zeros(max_loras, E, H, R)
+        self.w2_lora_b = zeros(max_loras, E, H // shard, R)
         self.adapter_enabled = torch.zeros(max_loras, dtype=torch.int32, device=device)
         self.w13_slice_offsets = [s * n for s in range(self.w13_num_slices)]
 
@@ -71,6 +76,15 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         # one shared A serves both halves
         return [LoRALinearWeights(a, gate), LoRALinearWeights(a, up)]
 
+    def check_lora(self, weights: MoELoRAWeights | None) -> None:
+        if weights is None:
+            return
+        for part in self.w13_slices(weights):
+            if part is not None and part.rank > self.max_rank:
+                raise LoRAError(f"the experts' gate and up factors together have rank "
+                                f"{part.rank} in this model's fused layout, above "
+                                f"--max-lora-rank {self.max_rank}")
+
     def _rank_rows(self, b: torch.Tensor) -> torch.Tensor:
         """This rank's output rows of one w13 slice's B [E, n, r]."""
         cfg = self.base_layer.moe_config
@@ -86,16 +100,19 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         for s, part in enumerate(self.w13_slices(weights)):
             if part is None:
                 continue
-            if part.lora_a.shape[1] > self.w13_lora_a[s].shape[2]:
-                raise LoRAError(f"fused expert rank {part.lora_a.shape[1]} is above "
-                                f"--max-lora-rank {self.w13_lora_a[s].shape[2]}")
-            copy_padded(self.w13_lora_a[s][slot], part.lora_a[local])
+            a = part.lora_a[local]
+            if self.fully_sharded:
+                a = rank_share(padded(a, 1, self.max_rank), 1, cfg.tp_rank, cfg.tp_size)
+            copy_padded(self.w13_lora_a[s][slot], a)
             copy_padded(self.w13_lora_b[s][slot], self._rank_rows(part.lora_b[local]))
         if weights.down is not None:
             I = cfg.intermediate_size
             copy_padded(self.w2_lora_a[slot],
                         weights.down.lora_a[local].narrow(2, cfg.tp_rank * I, I))
-            copy_padded(self.w2_lora_b[slot], weights.down.lora_b[local])
+            b = weights.down.lora_b[local]
+            if self.fully_sharded:
+                b = rank_share(b, 1, cfg.tp_rank, cfg.tp_size)
+            copy_padded(self.w2_lora_b[slot], b)
         self.adapter_enabled[slot] = 1
         self.slots_with_weights.add(slot)
 
@@ -110,6 +127,12 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
             max_loras=self.max_loras, top_k=self.base_layer.moe_config.top_k,
             w13_num_slices=self.w13_num_slices, w13_slice_offsets=self.w13_slice_offsets,
             punica=punica)
+        if self.fully_sharded:
+            tp = self.base_layer.parallel.tp
+            ctx = self.lora_context
+            ctx.w13_shrink_combine = lambda t: tp.all_gather(t, dim=-1)
+            ctx.w2_shrink_combine = tp.all_reduce
+            ctx.w2_out_offset = tp.rank * self.w2_lora_b.shape[2]
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return self.base_layer(hidden_states, router_logits, lora_context=self.lora_context)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vllm.lora.lora_context import MoELoRAContext
+from vllm.lora.lora_context import MoELoRAContext, ShrinkCombine
 from vllm.lora.token_mapping import LoRATokenMapping
 
 
@@ -49,8 +49,11 @@ class PunicaWrapperBase(ABC):
 
     @abstractmethod
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
-                        lora_b: list[torch.Tensor], slice_offsets: list[int]) -> None:
-        """y[t, slice s] += x[t] @ A_s[slot(t)].T @ B_s[slot(t)].T for tokens with an adapter."""
+                        lora_b: list[torch.Tensor], slice_offsets: list[int],
+                        combine_shrink: ShrinkCombine | None = None) -> None:
+        """y[t, slice s] += x[t] @ A_s[slot(t)].T @ B_s[slot(t)].T for tokens with an
+        adapter. ``combine_shrink`` runs on the shrink output before the
+        expand (the collective of fully sharded LoRA)."""
 
     @abstractmethod
     def add_lora_w13(self, ctx: MoELoRAContext, x: torch.Tensor, cache1: torch.Tensor,

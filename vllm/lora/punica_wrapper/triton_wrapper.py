@@ -30,9 +30,11 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         # the kernels write every row they later read
         return torch.empty(num_slices, rows, rank, dtype=torch.float32, device=self.device)
 
-    def add_lora_linear(self, y, x, lora_a, lora_b, slice_offsets):
+    def add_lora_linear(self, y, x, lora_a, lora_b, slice_offsets, combine_shrink=None):
         inter = self.shrink_buffer(len(lora_a), x.shape[0], lora_a[0].shape[1])
         lora_shrink(x, lora_a, self.mapping, inter)
+        if combine_shrink is not None:
+            inter = combine_shrink(inter)
         lora_expand(inter, lora_b, self.mapping, y, slice_offsets)
 
     def add_lora_w13(self, ctx, x, cache1, topk_ids):
@@ -40,10 +42,12 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         block = moe_lora_block_size(topk_ids.numel(), num_experts, ctx.max_loras)
         alignment = MoELoRAAlignment(*moe_lora_align_block_size(
             topk_ids, self.mapping.token_lora_slot, block, num_experts, ctx.max_loras), block)
-        inter = self.shrink_buffer(ctx.w13_num_slices, cache1.shape[0], ctx.max_rank)
+        inter = self.shrink_buffer(ctx.w13_num_slices, cache1.shape[0], ctx.w13_rank)
         fused_moe_lora_shrink(x, ctx.w13_lora_a, alignment.sorted_pair_ids, alignment.expert_ids,
                               alignment.num_pairs_post_padded, ctx.adapter_enabled, ctx.top_k,
                               True, inter, block)
+        if ctx.w13_shrink_combine is not None:
+            inter = ctx.w13_shrink_combine(inter)
         fused_moe_lora_expand(inter, ctx.w13_lora_b, alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, cache1, ctx.w13_slice_offsets)
@@ -54,7 +58,9 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         fused_moe_lora_shrink(cache2, [ctx.w2_lora_a], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, ctx.top_k, False, inter, alignment.block_size)
+        if ctx.w2_shrink_combine is not None:
+            inter = ctx.w2_shrink_combine(inter)
         fused_moe_lora_expand(inter, [ctx.w2_lora_b], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
-                              ctx.adapter_enabled, cache3, [0],
+                              ctx.adapter_enabled, cache3, [ctx.w2_out_offset],
                               topk_weights if mul_routed_weight else None)

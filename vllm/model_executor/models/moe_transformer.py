@@ -25,7 +25,7 @@ from vllm.model_executor.layers.attention.layer import Attention
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 from vllm.model_executor.layers.fused_moe.router import RouterConfig
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.layernorm import RMSNorm, ShardedRMSNorm
 from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                                ReplicatedLinear, RowParallelLinear,
                                                WeightShapeError)
@@ -105,11 +105,11 @@ class SelfAttention(nn.Module):
             self.q_norm = RMSNorm(spec.head_dim, eps, dtype)
             self.k_norm = RMSNorm(spec.head_dim, eps, dtype)
         elif spec.qk_norm == "full":
-            if tp.world_size > 1:
-                raise ValueError("q/k norms over the whole projection are not supported with "
-                                 "tensor parallelism yet")
-            self.q_norm = RMSNorm(spec.num_heads * spec.head_dim, eps, dtype)
-            self.k_norm = RMSNorm(spec.num_kv_heads * spec.head_dim, eps, dtype)
+            if self.qkv_proj.kv_replicas > 1:
+                raise ValueError("q/k norms over the whole projection need at least as many KV "
+                                 "heads as tensor-parallel ranks")
+            self.q_norm = ShardedRMSNorm(spec.num_heads * spec.head_dim, eps, dtype, tp)
+            self.k_norm = ShardedRMSNorm(spec.num_kv_heads * spec.head_dim, eps, dtype, tp)
         self.clip_qkv = spec.clip_qkv
         self.rotary_emb = RotaryEmbedding(spec.head_dim, spec.rotary_dim, ctx.max_model_len,
                                           spec.rope)
@@ -244,7 +244,10 @@ class MoEModel(nn.Module):
         return hidden
 
 
-_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.(weight|bias)$")
+# `<experts>.<e>.<proj>.<tensor>`: weight, bias, or a quantized checkpoint's
+# weight_scale / weight_scale_inv / input_scale / weight_packed / ... (each
+# loads into the quant method's `w13_<tensor>` / `w2_<tensor>` parameter)
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.(weight\w*|bias|input_\w+)$")
 
 
 class MoEForCausalLM(nn.Module):
@@ -305,6 +308,9 @@ class MoEForCausalLM(nn.Module):
             return True
         if self.spec.tie_word_embeddings and name == "lm_head.weight":
             return True
+        quant = self.ctx.quant_config
+        if quant is not None and quant.skip_checkpoint_key(name):
+            return True
         m = re.match(r"model\.layers\.(\d+)\.", name)
         # e.g. GLM-4.5's multi-token-prediction layers after the last decoder layer
         return m is not None and int(m.group(1)) >= len(self.spec.layers)
@@ -316,15 +322,26 @@ class MoEForCausalLM(nn.Module):
         (transformers' in-memory layout, gate rows then up rows) unless the
         architecture declares ``fused_experts_transposed`` (``[E, in, out]``,
         GPT-OSS). Returns the (parameter, (shard id, expert)) pairs loaded."""
-        bias = param_name.endswith("_bias")
-        shard = {"gate_up_proj": "w13", "down_proj": "w2"}.get(param_name.removesuffix("_bias"))
-        if shard is None or tensor.dim() != (2 if bias else 3):
+        base, _, kind = param_name.rpartition("_")
+        if kind not in ("bias", "blocks", "scales"):
+            base, kind = param_name, "weight"
+        shard = {"gate_up_proj": "w13", "down_proj": "w2"}.get(base)
+        # MXFP4 (GPT-OSS): `_blocks [E, out, in / 32, 16]` packed E2M1 pairs and
+        # `_scales [E, out, in / 32]`, output rows first (not transposed)
+        dims = {"weight": 3, "bias": 2, "blocks": 4, "scales": 3}[kind]
+        if shard is None or tensor.dim() != dims:
             raise WeightShapeError(f"unexpected stacked expert tensor {param_name!r}")
-        target = f"{shard}_{'bias' if bias else 'weight'}"
-        param = getattr(module, target)
+        target = f"{shard}_{ {'blocks': 'weight', 'scales': 'weight_scale'}.get(kind, kind)}"
+        param = getattr(module, target, None)
+        if param is None or (kind in ("blocks", "scales")) != bool(getattr(param, "quant_param",
+                                                                            False)):
+            raise WeightShapeError(f"stacked expert tensor {param_name!r} does not fit this "
+                                   "model's (quantization) config")
         for e in range(tensor.shape[0]):
             part = tensor[e]
-            if not bias and self.fused_experts_transposed:
+            if kind == "blocks":
+                part = part.reshape(part.shape[0], -1)
+            elif kind == "weight" and self.fused_experts_transposed:
                 part = part.T
             module.weight_loader(param, part, shard, e)
         return [(target, (shard, e)) for e in range(tensor.shape[0])]

@@ -115,6 +115,9 @@ class FusedMoE(nn.Module):
         local = self.local_index(expert_id)
         if local is None:
             return
+        if getattr(param, "quant_param", False):
+            self._load_quant_param(param, loaded, shard_id, local)
+            return
         cfg = self.moe_config
         I, rank, tp = cfg.intermediate_size, cfg.tp_rank, cfg.tp_size
         target = param.data[local]
@@ -139,16 +142,75 @@ class FusedMoE(nn.Module):
         else:
             raise ValueError(f"unknown expert shard id {shard_id!r}")
 
+    def _load_quant_param(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str,
+                          local: int) -> None:
+        """Place one expert's quantization tensor (a scale, or packed
+        weights) in a stacked quant parameter. The parameter declares its
+        layout (set by the quant method):
+
+        - ``expert_scalar``: one value per expert and shard, ``[E, 2]``
+          (w1, w3) for w13 and ``[E]`` for w2 (per-tensor scales);
+        - otherwise rows follow the logical output rows like the weight
+          (gate/up placement, this rank's rows), with ``quant_rows`` logical
+          rows per on-disk row (block scales, expanded to one row each here),
+          and columns are this rank's slice of the input dim for w2 when
+          ``quant_cols`` (logical input columns per stored column) is set,
+          else kept whole. A trailing unit dim on disk (``[N, 1]`` channel
+          scales) is dropped when the parameter has none.
+        """
+        cfg = self.moe_config
+        I, rank, tp = cfg.intermediate_size, cfg.tp_rank, cfg.tp_size
+        target = param.data[local]
+        if getattr(param, "expert_scalar", False):
+            if loaded.numel() != 1:
+                raise WeightShapeError(f"{shard_id} scale of shape {tuple(loaded.shape)} is not "
+                                       "a per-tensor scalar")
+            value = loaded.reshape(()).to(target.dtype)
+            if shard_id == "w2":
+                target.copy_(value)
+            elif shard_id in ("w1", "w3", "w13"):
+                target[{"w1": slice(0, 1), "w3": slice(1, 2), "w13": slice(0, 2)}[shard_id]] = value
+            else:
+                raise ValueError(f"unknown expert shard id {shard_id!r}")
+            return
+        if loaded.dim() == target.dim() + 1 and loaded.shape[-1] == 1:
+            loaded = loaded.squeeze(-1)
+        full_rows = {"w1": I * tp, "w3": I * tp, "w13": 2 * I * tp, "w2": cfg.hidden_size}
+        if shard_id not in full_rows:
+            raise ValueError(f"unknown expert shard id {shard_id!r}")
+        rows_per = getattr(param, "quant_rows", 1)
+        if rows_per > 1:  # one stored row per block of output rows
+            if loaded.shape[0] != -(-full_rows[shard_id] // rows_per):
+                raise WeightShapeError(f"{shard_id} block scale shape {tuple(loaded.shape)} does "
+                                       f"not cover {full_rows[shard_id]} rows in blocks of {rows_per}")
+            loaded = loaded.repeat_interleave(rows_per, dim=0)[:full_rows[shard_id]]
+        interleaved = cfg.activation.interleaved
+        if shard_id in ("w1", "w3"):
+            _check_rows(loaded, I * tp, shard_id)
+            part = loaded.narrow(0, rank * I, I)
+            first = shard_id == "w1"
+            dest = target[0 if first else 1::2] if interleaved else target[0:I] if first else target[I:]
+            copy_checked(dest, part)
+        elif shard_id == "w13":
+            _check_rows(loaded, 2 * I * tp, shard_id)
+            copy_checked(target, w13_rank_rows(loaded, 0, interleaved, rank, tp))
+        else:
+            cols_per = getattr(param, "quant_cols", 0)
+            if cols_per and tp > 1:
+                cols = target.shape[1]
+                if loaded.shape[1] != cols * tp:
+                    raise WeightShapeError(f"w2 shape {tuple(loaded.shape)} does not match "
+                                           f"{cols * tp} columns")
+                loaded = loaded.narrow(1, rank * cols, cols)
+            copy_checked(target, loaded)
+
     # -- compute ----------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                 lora_context: "MoELoRAContext | None" = None) -> torch.Tensor:
         topk_weights, topk_ids = select_experts(router_logits, self.router,
                                                 self.e_score_correction_bias)
-        out = self.quant_method.apply(self, hidden_states, topk_weights, topk_ids,
-                                      lora_context=lora_context)
-        if self.parallel.tp.world_size > 1:
-            out = self.parallel.tp.all_reduce(out)
-        return out
+        return self.quant_method.apply(self, hidden_states, topk_weights, topk_ids,
+                                       lora_context=lora_context)
 
     def extra_repr(self) -> str:
         c = self.moe_config

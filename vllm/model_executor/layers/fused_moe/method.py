@@ -12,7 +12,7 @@ from torch import nn
 from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights, FusedMoEExperts
 from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernel
 from vllm.model_executor.layers.fused_moe.oracle import select_experts_backend
-from vllm.model_executor.layers.fused_moe.prepare_finalize import NoEPPrepareAndFinalize
+from vllm.model_executor.layers.fused_moe.prepare_finalize import ReplicatedTokensPrepareAndFinalize
 from vllm.model_executor.layers.linear import set_weight_attrs
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ class FusedMoEMethodBase(ABC):
     def build_kernel(self, layer: "FusedMoE") -> None:
         cls = select_experts_backend(layer.moe_config, self.backends(), layer.moe_backend,
                                      layer.lora_enabled)
-        self.kernel = FusedMoEKernel(NoEPPrepareAndFinalize(), cls(layer.moe_config))
+        self.kernel = FusedMoEKernel(ReplicatedTokensPrepareAndFinalize(layer.parallel.tp),
+                                     cls(layer.moe_config))
 
     def process_weights_after_loading(self, layer: "FusedMoE") -> None:
         return None

@@ -1,15 +1,20 @@
 """Dispatch and combine around the experts: what happens to tokens before
 and after the expert GEMMs.
 
-Without expert parallelism every rank already holds every token, so
-prepare and finalize pass tensors through (the layer all-reduces partial
-sums when experts or their intermediate dimension are split)."""
+Tensor-parallel attention leaves every rank holding every token of the step
+(and the driver broadcasts each token's adapter slot to all ranks), so
+dispatch moves nothing: each rank runs its share of the work for all tokens
+— its experts under expert parallelism, its slice of every expert's
+intermediate dimension otherwise — and combine all-reduces the partial sums.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+from vllm.distributed.parallel_state import DeviceGroup
 
 
 @dataclass
@@ -28,9 +33,12 @@ class PrepareAndFinalize(ABC):
     def finalize(self, output: torch.Tensor) -> torch.Tensor: ...
 
 
-class NoEPPrepareAndFinalize(PrepareAndFinalize):
+class ReplicatedTokensPrepareAndFinalize(PrepareAndFinalize):
+    def __init__(self, group: DeviceGroup | None = None):
+        self.group = group or DeviceGroup()
+
     def prepare(self, hidden_states, topk_weights, topk_ids):
         return PreparedTokens(hidden_states, topk_weights, topk_ids)
 
     def finalize(self, output):
-        return output
+        return self.group.all_reduce(output)
