@@ -90,7 +90,7 @@ def test_fully_sharded_rank_must_divide(tmp_path):
 
 
 def test_dead_worker_fails_loudly(tmp_path):
-    from vllm.executor.multiproc import WorkerDiedError
+    from vllm.executor.distributed import WorkerDiedError
     path = model_dir(str(tmp_path), "qwen3_moe")
     llm = LLM(path, dtype="float32", max_model_len=128, tensor_parallel_size=2)
     worker = llm.llm_engine.executor.workers[0]
@@ -105,3 +105,13 @@ def test_dead_worker_fails_loudly(tmp_path):
     again = LLM(path, dtype="float32", max_model_len=128, tensor_parallel_size=2)
     assert again.generate(PROMPTS[0], PARAMS, use_tqdm=False)[0].outputs[0].token_ids
     again.llm_engine.shutdown()
+
+
+def test_ray_backend(case):
+    """The same engine with Ray actors as workers (a local Ray cluster)."""
+    pytest.importorskip("ray")
+    arch, path, prompts, loras, ref = case
+    if arch != "qwen3_moe":
+        pytest.skip("one Ray run is enough")
+    assert_same(run(path, prompts, loras, tensor_parallel_size=2, enable_expert_parallel=True,
+                    distributed_executor_backend="ray"), ref)

@@ -52,13 +52,15 @@ class DeviceGroup:
 
 
 def init_distributed(rank: int, world_size: int, device: str, init_method: str,
-                     timeout_s: float = 1800) -> DeviceGroup:
+                     device_index: int | None = None, timeout_s: float = 1800) -> DeviceGroup:
     """Join the process group of an engine's workers; returns the
-    tensor-parallel group (all ranks)."""
+    tensor-parallel group (all ranks). ``device_index`` is the CUDA device
+    this process uses (default: its rank; 0 where a scheduler such as Ray
+    shows each process only its own GPU)."""
     from datetime import timedelta
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank if device_index is None else device_index)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD

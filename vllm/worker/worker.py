@@ -32,9 +32,11 @@ def initialize_cache(runner: ModelRunner, group: DeviceGroup) -> int:
     return num_blocks
 
 
-def worker_main(config: VllmConfig, rank: int, world_size: int, init_method: str) -> None:
+def worker_main(config: VllmConfig, rank: int, world_size: int, init_method: str,
+                device_index: int | None = None) -> None:
     try:
-        group = init_distributed(rank, world_size, config.device_config.device, init_method)
+        group = init_distributed(rank, world_size, config.device_config.device, init_method,
+                                 device_index)
         runner = ModelRunner(config, parallel_context(config, group), progress=False)
         initialize_cache(runner, group)
         while True:
