@@ -60,7 +60,9 @@ def run_engine(model: str, prompts: list[list[int]], output_len: int, args) -> f
     from vllm import LLM, SamplingParams
     llm = LLM(model, dtype=args.dtype, max_model_len=args.input_len + output_len + 8,
               max_num_seqs=max(args.batch_size, 1), moe_backend=args.moe_backend,
-              enable_lora=args.enable_lora, enforce_eager=args.enforce_eager)
+              enable_lora=args.enable_lora, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size,
+              enable_expert_parallel=args.enable_expert_parallel)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
     # same shapes as the timed run, so Triton compiles every kernel variant first
@@ -71,6 +73,7 @@ def run_engine(model: str, prompts: list[list[int]], output_len: int, args) -> f
     _sync()
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
+    llm.llm_engine.shutdown()
     del llm
     _free()
     return elapsed
@@ -120,6 +123,8 @@ def main() -> None:
     p.add_argument("--moe-backend", default="auto")
     p.add_argument("--enable-lora", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--compare-hf", action="store_true",
                    help="also time transformers generate on the same batch")
     args = p.parse_args()
@@ -129,7 +134,8 @@ def main() -> None:
     from transformers import AutoConfig
     vocab = min(AutoConfig.from_pretrained(model).vocab_size, 400)
     prompts = random_prompts(args.batch_size, args.input_len, vocab)
-    rows = [("vllm (this engine)", run_engine(model, prompts, args.output_len, args))]
+    label = f"vllm tp={args.tensor_parallel_size}{' ep' if args.enable_expert_parallel else ''}"
+    rows = [(label, run_engine(model, prompts, args.output_len, args))]
     if args.compare_hf:
         rows.append(("transformers generate", run_hf(model, prompts, args.output_len, dtype)))
     n, out_tokens = len(prompts), len(prompts) * args.output_len
