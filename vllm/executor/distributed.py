@@ -114,11 +114,16 @@ class DistributedExecutor(Executor):
     def shutdown(self) -> None:
         if self._stopping and self._dead is None:
             return
-        if self._dead is None:
+        graceful = self._dead is None
+        if graceful:
             try:
                 self._command(worker.SHUTDOWN)
             except (WorkerDiedError, RuntimeError):
-                pass
+                graceful = False
         self._stopping = True
+        # Every rank tears the group down together; after a worker died an
+        # NCCL group cannot be (its teardown waits for the lost peer), and the
+        # engine is finished anyway. Gloo groups always can.
+        if graceful or self.driver.device.type != "cuda":
+            destroy_distributed()
         self.stop_workers()
-        destroy_distributed()

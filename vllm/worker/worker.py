@@ -9,7 +9,8 @@ from __future__ import annotations
 import traceback
 
 from vllm.config import VllmConfig
-from vllm.distributed.parallel_state import DeviceGroup, ParallelContext, init_distributed
+from vllm.distributed.parallel_state import (DeviceGroup, ParallelContext, destroy_distributed,
+                                             init_distributed)
 from vllm.logger import init_logger
 from vllm.worker.model_runner import ModelRunner
 
@@ -48,6 +49,7 @@ def worker_main(config: VllmConfig, rank: int, world_size: int, init_method: str
             elif command == REMOVE_LORA:
                 runner.remove_lora(arg)
             elif command == SHUTDOWN:
+                destroy_distributed()  # with the driver: NCCL teardown needs every rank
                 return
     except Exception:
         logger.error("worker rank %d failed:\n%s", rank, traceback.format_exc())
