@@ -5,6 +5,8 @@ its own base output and equal an independent per-token computation with
 the adapter merged into each expert's weights. (A backend that silently
 dropped LoRA would fail the first check.)
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -69,8 +71,134 @@ def merged_reference(cfg, w, x, weights, ids, t_ctx, enabled, slots):
     return out
 
 
-def run(cls, punica_cls, activation, slices, device, dtype, tol):
-    cfg, w, x, weights, ids, t_ctx, enabled, slots = make_case(activation, slices, device, dtype)
+def quantize_weights(variant, w, cfg):
+    """(quantized ExpertWeights in the layout the quant methods produce,
+    dequantized float weights, GEMM-1 and GEMM-2 input rounding of the
+    reference, quant scheme name). Quantized with the checkpoint tool's own
+    quantizers; dequantized by the independent test decoders."""
+    from tests.quantization.reference import fake_quant, fp4_values, fp8_weight, int4_values
+    from vllm.model_executor.quantization.expert_weights import Fp8ExpertQuant, PackedExpertQuant
+    from vllm.model_executor.quantization.fp8_activation import Fp8ActScheme
+    from vllm.tools import quantize as tool
+    dev, dtype = w.w13.device, w.w13.dtype
+    ident = lambda x: x  # noqa: E731
+    if variant.startswith("fp8"):
+        gran, act = {"fp8-channel-token": ("channel", "token"),
+                     "fp8-block-group": ("block", "group"),
+                     "fp8-tensor-static": ("tensor", "static"),
+                     "fp8-w8a16": ("channel", None)}[variant]
+        block = (32, 32)
+        q, scales, deq = {}, {}, {}
+        for which in ("w13", "w2"):
+            full = getattr(w, which).float().cpu()
+            parts = [tool.quantize_fp8(full[e], gran, block) for e in range(full.shape[0])]
+            q[which] = torch.stack([p[0] for p in parts]).to(dev)
+            deq[which] = torch.stack([fp8_weight(p[0], p[1], block if gran == "block" else None)
+                                      for p in parts]).to(dev, dtype)
+            n, k = full.shape[1:]
+            if gran == "block":
+                rows = [p[1].repeat_interleave(block[0], 0)[:n] for p in parts]
+            else:
+                rows = [p[1].reshape(-1).expand(n) for p in parts]
+            scales[which] = torch.stack(rows).float().to(dev)
+        static = {"w13": torch.tensor([3.0 / 448], device=dev),
+                  "w2": torch.tensor([1.0 / 448], device=dev)} if act == "static" else {}
+        quant = Fp8ExpertQuant(scales["w13"], scales["w2"],
+                               block[1] if gran == "block" else None,
+                               None if act is None else
+                               Fp8ActScheme(act, 32 if act == "group" else 0),
+                               static.get("w13"), static.get("w2"))
+        if act is None:
+            fq13 = fq2 = ident
+        elif act == "static":
+            fq13 = lambda x: fake_quant(x, "static", scale=3.0 / 448)  # noqa: E731
+            fq2 = lambda x: fake_quant(x, "static", scale=1.0 / 448)  # noqa: E731
+        else:
+            fq13 = fq2 = lambda x: fake_quant(x, act, 32)  # noqa: E731
+        scheme = "fp8" if act else "fp8_w8a16"
+        return (ExpertWeights(q["w13"], q["w2"], w.w13_bias, w.w2_bias, quant),
+                ExpertWeights(deq["w13"], deq["w2"], w.w13_bias, w.w2_bias), fq13, fq2, scheme)
+    group = {"int4": 32, "nvfp4": 16, "mxfp4": 32}[variant]
+    packed, scales, channel, deq = {}, {}, {}, {}
+    for which in ("w13", "w2"):
+        full = getattr(w, which).float().cpu()
+        P, S, C, D = [], [], [], []
+        for e in range(full.shape[0]):
+            if variant == "int4":
+                words, s = tool.quantize_int4(full[e], group)
+                P.append(words.view(torch.uint8))
+                S.append(s.to(dtype))
+                D.append(int4_values(words, full.shape[2]) * s.double().repeat_interleave(group, 1))
+            elif variant == "nvfp4":
+                p, s, g = tool.quantize_nvfp4(full[e])
+                P.append(p)
+                S.append(s.view(torch.uint8))
+                C.append((1.0 / g).expand(full.shape[1]))
+                D.append(fp4_values(p) * s.double().repeat_interleave(16, 1) / g.double())
+            else:
+                b, s = tool.quantize_mxfp4(full[e])
+                P.append(b.reshape(b.shape[0], -1))
+                S.append(s)
+                D.append(fp4_values(P[-1])
+                         * torch.pow(2.0, s.double() - 127).repeat_interleave(32, 1))
+        packed[which] = torch.stack(P).to(dev)
+        scales[which] = torch.stack(S).to(dev)
+        channel[which] = torch.stack(C).float().to(dev) if C else None
+        deq[which] = torch.stack(D).to(dev, dtype)
+    quant = PackedExpertQuant(variant, group, scales["w13"], scales["w2"], channel["w13"],
+                              channel["w2"])
+    return (ExpertWeights(packed["w13"], packed["w2"], w.w13_bias, w.w2_bias, quant),
+            ExpertWeights(deq["w13"], deq["w2"], w.w13_bias, w.w2_bias), ident, ident, variant)
+
+
+def quantized_reference(cfg, w, x, weights, ids, t_ctx, enabled, slots, fq13, fq2):
+    """Like ``merged_reference`` for quantized weights ``w`` (dequantized):
+    the base GEMMs read the rounded inputs ``fq(x)``, the adapters the
+    unquantized ones. float32, rounding exactly where the engine rounds."""
+    act = cfg.activation
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    xf = x.float().cpu()
+    for t in range(x.shape[0]):
+        s = slots[t]
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            w13, w2 = w.w13[e].float().cpu(), w.w2[e].float().cpu()
+            d13 = torch.zeros_like(w13)
+            d2 = torch.zeros_like(w2)
+            if s >= 0 and enabled[s]:
+                n = w13.shape[0] // len(t_ctx["w13_lora_a"])
+                for i, (a, b) in enumerate(zip(t_ctx["w13_lora_a"], t_ctx["w13_lora_b"])):
+                    d13[i * n:(i + 1) * n] = b[s, e].float().cpu() @ a[s, e].float().cpu()
+                d2 = t_ctx["w2_lora_b"][s, e].float().cpu() @ t_ctx["w2_lora_a"][s, e].float().cpu()
+            xt = xf[t:t + 1]
+            h = fq13(xt) @ w13.T + xt @ d13.T + w.w13_bias[e].float().cpu()
+            h = gated_activation(h, act.kind, act.interleaved, act.alpha, act.limit)
+            y = fq2(h) @ w2.T + h @ d2.T + w.w2_bias[e].float().cpu()
+            out[t] += float(weights[t, j]) * y[0].double()
+    return out
+
+
+def variants(cls) -> list[str]:
+    schemes = getattr(cls, "quant_schemes", None)
+    if not schemes:
+        return ["none"]
+    out = []
+    if "fp8" in schemes:
+        out += ["fp8-channel-token", "fp8-block-group", "fp8-tensor-static"]
+    if "fp8_w8a16" in schemes:
+        out += ["fp8-w8a16"]
+    out += [s for s in ("int4", "nvfp4", "mxfp4") if s in schemes]
+    return out
+
+
+def run(cls, punica_cls, activation, slices, device, dtype, tol, variant="none"):
+    quantized = variant != "none"
+    dims = dict(H=64, I=32) if quantized else {}
+    cfg, w, x, weights, ids, t_ctx, enabled, slots = make_case(activation, slices, device, dtype,
+                                                               **dims)
+    if quantized:
+        w, deq, fq13, fq2, scheme = quantize_weights(variant, w, cfg)
+        cfg = dataclasses.replace(cfg, quant_scheme=scheme)
     punica = punica_cls(3, torch.device(device))
     punica.update_mapping(slots)
     n = 2 * cfg.intermediate_size // slices
@@ -82,9 +210,12 @@ def run(cls, punica_cls, activation, slices, device, dtype, tol):
     with_lora = torch.full_like(x, float("nan"))
     experts.apply(base, x, w, weights, ids)
     experts.apply(with_lora, x, w, weights, ids, lora_context=ctx)
-    ref = merged_reference(cfg, w, x, weights, ids, t_ctx, enabled, slots)
+    if quantized:
+        ref = quantized_reference(cfg, deq, x, weights, ids, t_ctx, enabled, slots, fq13, fq2)
+    else:
+        ref = merged_reference(cfg, w, x, weights, ids, t_ctx, enabled, slots)
     err = ((with_lora.double().cpu() - ref).norm() / ref.norm()).item()
-    assert err < tol, f"{cls.name}: relative error {err}"
+    assert err < tol, f"{cls.name}/{variant}: relative error {err}"
     # rows with an enabled adapter changed; rows without one did not
     changed = (with_lora - base).abs().amax(dim=1).cpu() > 1e-3
     for t, s in enumerate(slots):
@@ -93,25 +224,51 @@ def run(cls, punica_cls, activation, slices, device, dtype, tol):
 
 CASES = [(MoEActivation(), 2), (MoEActivation(), 1),
          (MoEActivation("swigluoai", interleaved=True), 1)]
+CASE_IDS = ["silu-2d", "silu-3d", "swigluoai-3d"]
 
 
-# On the CPU the Triton classes run in Triton's interpreter (float32).
-@pytest.mark.parametrize("punica", sorted(PUNICA))
-@pytest.mark.parametrize("cls", LORA_BACKENDS, ids=lambda c: c.name)
-@pytest.mark.parametrize("activation,slices", CASES, ids=["silu-2d", "silu-3d", "swigluoai-3d"])
-def test_lora_backend_conformance_cpu(cls, punica, activation, slices):
-    run(cls, PUNICA[punica], activation, slices, "cpu", torch.float32, 1e-5)
+def conformance_params():
+    """Unquantized classes: every activation case with both punica wrappers.
+    Quantized classes (slow in the interpreter): every weight variant with
+    silu and the torch wrapper, plus each class's first variant with the
+    fused interleaved swigluoai case and the Triton wrapper."""
+    params = []
+    for cls in LORA_BACKENDS:
+        vs = variants(cls)
+        for v in vs:
+            for (act, slices), case_id in zip(CASES, CASE_IDS):
+                for punica in sorted(PUNICA):
+                    if v != "none" and (case_id, punica) != ("silu-2d", "torch") and \
+                            not (v == vs[0] and case_id == "swigluoai-3d" and punica == "triton"):
+                        continue
+                    params.append(pytest.param(cls, v, punica, act, slices,
+                                               id=f"{cls.__name__}-{v}-{case_id}-{punica}"))
+    return params
+
+
+# On the CPU the Triton classes run in Triton's interpreter (float32; FP8
+# operands as float32 copies of the same values).
+@pytest.mark.parametrize("cls,variant,punica,activation,slices", conformance_params())
+def test_lora_backend_conformance_cpu(cls, variant, punica, activation, slices):
+    # W8A8: a rounding boundary crossed by a last-bit difference moves one
+    # activation by an FP8 step; rare, and small in the relative norm
+    tol = 1e-3 if variant.startswith("fp8") and variant != "fp8-w8a16" else 1e-5
+    run(cls, PUNICA[punica], activation, slices, "cpu", torch.float32, tol, variant)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("punica", sorted(PUNICA))
-@pytest.mark.parametrize("cls", LORA_BACKENDS, ids=lambda c: c.name)
-@pytest.mark.parametrize("activation,slices", CASES, ids=["silu-2d", "silu-3d", "swigluoai-3d"])
-def test_lora_backend_conformance_gpu(cls, punica, activation, slices):
-    run(cls, PUNICA[punica], activation, slices, "cuda", torch.bfloat16, 2e-2)
+@pytest.mark.parametrize("cls,variant", [(c, v) for c in LORA_BACKENDS for v in variants(c)],
+                         ids=[f"{c.__name__}-{v}" for c in LORA_BACKENDS for v in variants(c)])
+@pytest.mark.parametrize("activation,slices", CASES, ids=CASE_IDS)
+def test_lora_backend_conformance_gpu(cls, variant, punica, activation, slices):
+    run(cls, PUNICA[punica], activation, slices, "cuda", torch.bfloat16, 2e-2, variant)
 
 
 def test_every_lora_backend_is_covered():
     names = {c.name for c in LORA_BACKENDS}
     assert {"torch", "triton"} <= names
     assert "grouped_mm" not in names
+    classes = {c.__name__ for c in LORA_BACKENDS}
+    assert {"TorchFp8Experts", "TritonFp8Experts", "TorchWeightOnlyExperts",
+            "TritonWeightOnlyExperts"} <= classes

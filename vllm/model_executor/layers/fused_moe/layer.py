@@ -182,14 +182,18 @@ class FusedMoE(nn.Module):
         if rows_per > 1:  # one stored row per block of output rows
             if loaded.shape[0] != -(-full_rows[shard_id] // rows_per):
                 raise WeightShapeError(f"{shard_id} block scale shape {tuple(loaded.shape)} does "
-                                       f"not cover {full_rows[shard_id]} rows in blocks of {rows_per}")
+                                       f"not cover {full_rows[shard_id]} rows in blocks of "
+                                       f"{rows_per}")
             loaded = loaded.repeat_interleave(rows_per, dim=0)[:full_rows[shard_id]]
         interleaved = cfg.activation.interleaved
         if shard_id in ("w1", "w3"):
             _check_rows(loaded, I * tp, shard_id)
             part = loaded.narrow(0, rank * I, I)
             first = shard_id == "w1"
-            dest = target[0 if first else 1::2] if interleaved else target[0:I] if first else target[I:]
+            if interleaved:
+                dest = target[0 if first else 1::2]
+            else:
+                dest = target[0:I] if first else target[I:]
             copy_checked(dest, part)
         elif shard_id == "w13":
             _check_rows(loaded, 2 * I * tp, shard_id)

@@ -27,9 +27,26 @@ def unquantized_backends() -> tuple[type[FusedMoEExperts], ...]:
     return (TritonExperts, GroupedMMExperts, TorchReferenceExperts)
 
 
+def fp8_backends() -> tuple[type[FusedMoEExperts], ...]:
+    """FP8 experts (W8A8 per-channel / block, and weight-only W8A16)."""
+    from vllm.model_executor.layers.fused_moe.experts.torch_quantized import TorchFp8Experts
+    from vllm.model_executor.layers.fused_moe.experts.triton_fp8 import TritonFp8Experts
+    return (TritonFp8Experts, TorchFp8Experts)
+
+
+def weight_only_backends() -> tuple[type[FusedMoEExperts], ...]:
+    """4-bit weight-only experts (INT4 W4A16, NVFP4, MXFP4) on unquantized activations."""
+    from vllm.model_executor.layers.fused_moe.experts.torch_quantized import (
+        TorchWeightOnlyExperts)
+    from vllm.model_executor.layers.fused_moe.experts.triton_weight_only import (
+        TritonWeightOnlyExperts)
+    return (TritonWeightOnlyExperts, TorchWeightOnlyExperts)
+
+
 def all_experts_backends() -> list[type[FusedMoEExperts]]:
     """Every experts class of every scheme (for conformance tests and docs)."""
-    return list(dict.fromkeys(unquantized_backends()))
+    return list(dict.fromkeys(unquantized_backends() + fp8_backends()
+                              + weight_only_backends()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,213 @@
+"""Grouped expert GEMM with 4-bit weights dequantized on the fly against
+unquantized (bf16 / fp16 / fp32) activations: the role Marlin plays
+upstream, in Triton.
+
+Same pair conventions as ``fused_moe_gemm``. B is 4-bit codes packed two
+per byte, ``uint8 [E, N, K / 2]``, low nibble first; group scales are
+``[E, N, K / group]``. ``WEIGHT_FORMAT``:
+- 0, INT4: ``(code - 8) * scale`` with float scales (compressed-tensors
+  ``pack-quantized``, symmetric);
+- 1, NVFP4: ``e2m1(code) * e4m3(scale)`` (scales as raw bytes), group 16;
+- 2, MXFP4: ``e2m1(code) * 2 ** (scale - 127)`` (E8M0 bytes), group 32.
+An optional float32 per-row multiplier (NVFP4's global scale) is applied
+after the K loop. Decoding uses integer and float ops only, so the kernel
+also runs in Triton's interpreter.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (_alignment_block_size,
+                                                                         default_config)
+from vllm.model_executor.quantization.dequant import dequant_fp4, dequant_int4
+
+WEIGHT_FORMATS = {"int4": 0, "nvfp4": 1, "mxfp4": 2}
+
+
+@triton.jit
+def _e2m1_to_f32(code):
+    mag = code & 7
+    e = mag >> 1
+    m = (mag & 1).to(tl.float32)
+    pow2 = tl.where(e == 3, 4.0, tl.where(e == 2, 2.0, 1.0))
+    v = tl.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
+    return tl.where((code & 8) != 0, -v, v)
+
+
+@triton.jit
+def _e4m3_to_f32(byte):
+    b = byte.to(tl.int32)
+    exp = (b >> 3) & 15
+    mant = b & 7
+    normal = (((exp + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
+    v = tl.where(exp == 0, mant.to(tl.float32) * 0.001953125, normal)  # subnormal: m * 2**-9
+    return tl.where((b & 128) != 0, -v, v)
+
+
+@triton.jit
+def _e8m0_to_f32(byte):
+    b = byte.to(tl.int32)
+    # 2**(b - 127); b == 0 is the subnormal 2**-127
+    return tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _fused_moe_weight_only_kernel(
+        a_ptr, b_ptr, s_ptr, cs_ptr, c_ptr, bias_ptr, topk_weights_ptr,
+        sorted_pair_ids_ptr, expert_ids_ptr, num_pairs_post_padded_ptr,
+        N, K, num_valid_pairs, num_padded_pairs, top_k, group_size,
+        stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk,
+        stride_cse, stride_csn, stride_cm, stride_cn, stride_bias_e, stride_bias_n,
+        WEIGHT_FORMAT: tl.constexpr, GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_CHANNEL_SCALE: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+        BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_padded_pairs, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    if pid_m * BLOCK_SIZE_M >= tl.load(num_pairs_post_padded_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert == -1:
+        return
+
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
+    pair_mask = pair < num_valid_pairs
+    if GATHER_ROWS:
+        row = pair // top_k
+    else:
+        row = pair
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+
+    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_base = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn
+    s_base = s_ptr + expert * stride_se + offs_n[None, :] * stride_sn
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k = kb * BLOCK_SIZE_K + offs_k
+        k_mask = k < K
+        a = tl.load(a_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
+        mask = k_mask[:, None] & n_mask[None, :]
+        byte = tl.load(b_base + (k // 2)[:, None] * stride_bk, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((k % 2) * 4)[:, None]) & 15
+        scale = tl.load(s_base + (k // group_size)[:, None] * stride_sk, mask=mask, other=0)
+        if WEIGHT_FORMAT == 0:
+            w = (code - 8).to(tl.float32) * scale.to(tl.float32)
+        elif WEIGHT_FORMAT == 1:
+            w = _e2m1_to_f32(code) * _e4m3_to_f32(scale)
+        else:
+            w = _e2m1_to_f32(code) * _e8m0_to_f32(scale)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+
+    if HAS_CHANNEL_SCALE:
+        cs = tl.load(cs_ptr + expert * stride_cse + offs_n * stride_csn, mask=n_mask, other=0.0)
+        acc *= cs[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_bias_e + offs_n * stride_bias_n, mask=n_mask,
+                       other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(topk_weights_ptr + pair, mask=pair_mask, other=0.0)
+        acc *= w.to(tl.float32)[:, None]
+
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
+
+
+def _check(a, b, scale, c, group_size):
+    E, N, half_k = b.shape
+    K = a.shape[1]
+    if b.dtype != torch.uint8 or half_k * 2 != K or c.shape[1] != N:
+        raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, packed b "
+                         f"{tuple(b.shape)} {b.dtype}, c {tuple(c.shape)}")
+    if scale.shape != (E, N, -(-K // group_size)):
+        raise ValueError(f"group scales {tuple(scale.shape)} do not fit {(E, N, K)} in groups "
+                         f"of {group_size}")
+
+
+def invoke_fused_moe_weight_only_gemm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                                      c: torch.Tensor, *, weight_format: str, group_size: int,
+                                      sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
+                                      num_pairs_post_padded: torch.Tensor, top_k: int,
+                                      gather_rows: bool,
+                                      channel_scale: torch.Tensor | None = None,
+                                      bias: torch.Tensor | None = None,
+                                      topk_weights: torch.Tensor | None = None) -> None:
+    """``c[p] = (a[row(p)] @ deq(b[e]).T * channel_scale[e] + bias[e]) * topk_weights[p]``
+    for every aligned pair p of expert e (see ``invoke_fused_moe_gemm``)."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weight_format!r}")
+    _check(a, b, scale, c, group_size)
+    num_valid_pairs = c.shape[0]
+    _, N, _ = b.shape
+    K = a.shape[1]
+    block_m = _alignment_block_size(sorted_pair_ids, expert_ids)
+    config = default_config(block_m, N, K, a.dtype)
+    bias_strides = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    cs_strides = (channel_scale.stride(0), channel_scale.stride(1)) \
+        if channel_scale is not None else (0, 0)
+    weights = topk_weights.reshape(-1) if topk_weights is not None else None
+    grid = (triton.cdiv(sorted_pair_ids.numel(), block_m) * triton.cdiv(N, config["BLOCK_SIZE_N"]),)
+    _fused_moe_weight_only_kernel[grid](
+        a, b, scale, channel_scale, c, bias, weights, sorted_pair_ids, expert_ids,
+        num_pairs_post_padded, N, K, num_valid_pairs, sorted_pair_ids.numel(), top_k,
+        group_size,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        scale.stride(0), scale.stride(1), scale.stride(2), *cs_strides,
+        c.stride(0), c.stride(1), *bias_strides,
+        WEIGHT_FORMAT=WEIGHT_FORMATS[weight_format], GATHER_ROWS=gather_rows,
+        HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
+        MUL_ROUTED_WEIGHT=topk_weights is not None,
+        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=config["BLOCK_SIZE_N"],
+        BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config["GROUP_SIZE_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def fused_moe_weight_only_gemm_torch(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                                     c: torch.Tensor, *, weight_format: str, group_size: int,
+                                     sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
+                                     num_pairs_post_padded: torch.Tensor, top_k: int,
+                                     gather_rows: bool,
+                                     channel_scale: torch.Tensor | None = None,
+                                     bias: torch.Tensor | None = None,
+                                     topk_weights: torch.Tensor | None = None) -> None:
+    """Reference of ``invoke_fused_moe_weight_only_gemm`` (dequantize, float32)."""
+    _check(a, b, scale, c, group_size)
+    num_valid_pairs = c.shape[0]
+    block_m = _alignment_block_size(sorted_pair_ids, expert_ids)
+    used = int(num_pairs_post_padded.reshape(-1)[0])
+    pairs = sorted_pair_ids[:used].long()
+    experts = expert_ids[:used // block_m].long().repeat_interleave(block_m)
+    keep = (pairs < num_valid_pairs) & (experts >= 0)
+    pairs, experts = pairs[keep], experts[keep]
+    weights = topk_weights.reshape(-1) if topk_weights is not None else None
+    for e in experts.unique().tolist():
+        p = pairs[experts == e]
+        rows = p // top_k if gather_rows else p
+        if weight_format == "int4":
+            w = dequant_int4(b[e], scale[e], group_size)
+        else:
+            w = dequant_fp4(b[e], scale[e], group_size,
+                            "e4m3" if weight_format == "nvfp4" else "e8m0")
+        out = a[rows].float() @ w.T
+        if channel_scale is not None:
+            out *= channel_scale[e].float()
+        if bias is not None:
+            out += bias[e].float()
+        if weights is not None:
+            out *= weights[p].float().unsqueeze(1)
+        c[p] = out.to(c.dtype)
