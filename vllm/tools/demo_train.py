@@ -23,7 +23,8 @@ A fixed list of common English words is embedded below; ~15% of them are held
 out (never trained on) so the demo can show generalisation. Training also uses
 random lowercase letter strings, which teaches the model to spell *any* word
 rather than memorise the list. Loss is on the answer tokens and the EOS only.
-Everything is seeded and runs on CPU in a few minutes; at the end the script
+Everything is seeded (and, with the default single CPU thread, bit-for-bit
+reproducible) and runs on CPU in about 2.5 minutes; at the end the script
 reloads the written files and prints greedy exact-match accuracy (HF
 ``generate``) on the held-out words.
 
@@ -179,7 +180,7 @@ def build_byte_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
-                                   clean_up_tokenization_spaces=False,
+                                   clean_up_tokenization_spaces=False, model_max_length=128,
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -207,8 +208,8 @@ LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LORA_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 # steps, batch size, peak learning rate
-BASE_SCHEDULE = (700, 64, 3e-3)
-ADAPTER_SCHEDULE = (350, 64, 4e-3)
+BASE_SCHEDULE = (350, 64, 3e-3)
+ADAPTER_SCHEDULES = {"upper": (150, 64, 5e-3), "reverse": (250, 64, 5e-3)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -218,7 +219,9 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 class _Batches:
     """A fixed, seeded stream of training examples: half words from the training
-    split, half random lowercase strings of 3-9 letters."""
+    split, half random lowercase strings of 3-9 letters. For the base model a
+    quarter of them are upper-cased (copying works for any letters), so the
+    upper-case tokens get trained embeddings the "upper" adapter can aim at."""
 
     def __init__(self, tokenizer, train_words: list[str], adapter: str | None, seed: int):
         self.tok = tokenizer
@@ -229,8 +232,12 @@ class _Batches:
 
     def _word(self) -> str:
         if self.rng.random() < 0.5:
-            return self.rng.choice(self.words)
-        return "".join(self.rng.choice(_LETTERS) for _ in range(self.rng.randint(3, 9)))
+            w = self.rng.choice(self.words)
+        else:
+            w = "".join(self.rng.choice(_LETTERS) for _ in range(self.rng.randint(3, 9)))
+        if self.adapter is None and self.rng.random() < 0.25:
+            w = w.upper()
+        return w
 
     def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         seqs, labels = [], []
@@ -242,7 +249,8 @@ class _Batches:
             seqs.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
         n = max(len(s) for s in seqs)
-        # right padding needs no attention mask under causal attention; padded positions carry no loss
+        # right padding needs no attention mask under causal attention;
+        # padded positions carry no loss
         ids = torch.tensor([s + [self.eos] * (n - len(s)) for s in seqs])
         lab = torch.tensor([l + [-100] * (n - len(l)) for l in labels])
         return ids, lab
@@ -253,6 +261,7 @@ def _train(model, params, batches: _Batches, schedule, log_name: str) -> None:
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
     model.train()
+    flush = torch.set_flush_denormal(True)  # tiny late-training values are slow on CPU otherwise
     t0 = time.time()
     for step in range(steps):
         scale = (step + 1) / warmup if step < warmup else \
@@ -270,6 +279,8 @@ def _train(model, params, batches: _Batches, schedule, log_name: str) -> None:
         if step % 100 == 0 or step == steps - 1:
             print(f"  [{log_name}] step {step:4d}/{steps}  loss {loss.item():.4f}  "
                   f"({time.time() - t0:.0f}s)", flush=True)
+    if flush:
+        torch.set_flush_denormal(False)
     model.eval()
 
 
@@ -295,32 +306,49 @@ def greedy_answers(model, tokenizer, words: list[str], max_new_tokens: int = 12)
     return [out[w] for w in words]
 
 
-def evaluate(out_dir: str, words: list[str]) -> dict[str, float]:
-    """Exact-match accuracy of base and each adapter, loading everything from ``out_dir``."""
+def evaluate(out_dir: str, words: list[str]) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Exact-match accuracy and the answers of base and each adapter, loading
+    everything from ``out_dir``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = os.path.join(out_dir, "model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    acc = {}
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    answers = greedy_answers(base, tokenizer, words)
-    acc["base"] = sum(a == expected_answer(w) for w, a in zip(words, answers)) / len(words)
-    for name in ADAPTERS:
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        model = PeftModel.from_pretrained(base, os.path.join(out_dir, "adapters", name)).eval()
-        answers = greedy_answers(model, tokenizer, words)
-        acc[name] = sum(a == expected_answer(w, name) for w, a in zip(words, answers)) / len(words)
-    return acc
+    acc, answers = {}, {}
+    for name in ("base",) + ADAPTERS:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if name != "base":
+            model = PeftModel.from_pretrained(model, os.path.join(out_dir, "adapters", name)).eval()
+        answers[name] = greedy_answers(model, tokenizer, words)
+        acc[name] = sum(a == expected_answer(w, name)
+                        for w, a in zip(words, answers[name])) / len(words)
+    return acc, answers
 
 
 # ----------------------------------------------------------------------------- main
 
-def train_all(out_dir: str, seed: int = 0, dtype: str = "bfloat16") -> dict[str, dict[str, float]]:
+def _tidy_adapter_dir(adapter_dir: str) -> None:
+    """Drop PEFT's empty model-card template and sort ``target_modules`` (PEFT writes a
+    set in hash order), so reruns produce byte-identical files."""
+    readme = os.path.join(adapter_dir, "README.md")
+    if os.path.exists(readme):
+        os.remove(readme)
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def train_all(out_dir: str, seed: int = 0, dtype: str = "bfloat16",
+              threads: int = 1) -> dict[str, dict[str, float]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     t_start = time.time()
     train_words, held_out = _split_words(seed)
     model_dir = os.path.join(out_dir, "model")
@@ -360,17 +388,19 @@ def train_all(out_dir: str, seed: int = 0, dtype: str = "bfloat16") -> dict[str,
         peft_model = get_peft_model(base, config)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         _train(peft_model, params, _Batches(tokenizer, train_words, name, seed + 1 + k),
-               ADAPTER_SCHEDULE, name)
-        peft_model.save_pretrained(os.path.join(out_dir, "adapters", name))
+               ADAPTER_SCHEDULES[name], name)
+        adapter_dir = os.path.join(out_dir, "adapters", name)
+        peft_model.save_pretrained(adapter_dir)
+        _tidy_adapter_dir(adapter_dir)
         times[name] = time.time() - t0
     t_train = time.time() - t_start
 
     # 3. evaluate from the files on disk
     t0 = time.time()
-    acc_held = evaluate(out_dir, held_out)
+    acc_held, answers = evaluate(out_dir, held_out)
     rng = random.Random(seed)
     train_sample = sorted(rng.sample(train_words, min(len(held_out), len(train_words))))
-    acc_train = evaluate(out_dir, train_sample)
+    acc_train, _ = evaluate(out_dir, train_sample)
     t_eval = time.time() - t0
     print()
     print(f"greedy exact match (HF generate), {len(held_out)} held-out / "
@@ -380,6 +410,10 @@ def train_all(out_dir: str, seed: int = 0, dtype: str = "bfloat16") -> dict[str,
         example = expected_answer("hello", name)
         print(f"{name:<10}{example:<12}{acc_held[name]:>10.1%}{acc_train[name]:>10.1%}"
               f"{times[name]:>11.0f}s")
+    print("\nheld-out examples:")
+    for i in range(0, len(held_out), max(1, len(held_out) // 5))[:5]:
+        print(f"  {make_prompt(held_out[i])!r:<22}" +
+              "  ".join(f"{name}: {answers[name][i]:<10}" for name in ("base",) + ADAPTERS))
     print(f"training {t_train:.0f}s, evaluation {t_eval:.0f}s, output in {out_dir}")
     return {"held_out": acc_held, "train": acc_train}
 
@@ -390,8 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="dtype of the saved base weights")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is the robust choice on a shared machine: "
+                             "with 2 threads a busy neighbour makes each step many times slower)")
     args = parser.parse_args(argv)
-    train_all(args.out, args.seed, args.dtype)
+    train_all(args.out, args.seed, args.dtype, args.threads)
 
 
 if __name__ == "__main__":
