@@ -1,23 +1,30 @@
 """Experts through Triton grouped GEMMs over block-aligned (token, expert)
 pairs. Both GEMMs write rows indexed by pair, so LoRA deltas are added in
-place between the steps exactly as in the torch reference. Triton is
-imported only inside ``apply()``: this module must import without it."""
+place between the steps exactly as in the torch reference.
+
+``TritonGroupedExperts`` holds the steps every Triton experts class shares;
+each weight format (bf16 here, FP8 and 4-bit weight-only in their modules)
+only supplies its grouped GEMM. A GEMM receives the unquantized activation
+and quantizes privately if its format needs to, so the LoRA hooks always see
+unquantized activations. Triton is imported only inside the GEMMs: these
+modules must import without it."""
 from __future__ import annotations
 
 import torch
 
 from vllm.model_executor.layers.activation import gated_activation
-from vllm.model_executor.layers.fused_moe.experts.base import FusedMoEExperts, local_expert_ids
+from vllm.model_executor.layers.fused_moe.experts.base import (ExpertWeights, FusedMoEExperts,
+                                                               local_expert_ids)
 from vllm.model_executor.layers.fused_moe.moe_align import moe_align_block_size
 from vllm.triton_utils import has_triton
 
 
-class TritonExperts(FusedMoEExperts):
-    """Unquantized experts on CUDA: align, GEMM 1, activation, GEMM 2 (with
-    the routing weights folded in), sum over the k experts of each token."""
-    name = "triton"
+class TritonGroupedExperts(FusedMoEExperts):
+    """Align pairs, GEMM 1, w13 LoRA, activation, GEMM 2 (routing weights
+    folded in), w2 LoRA, sum over each token's k experts."""
     priority = 10
     supports_cuda_graphs = True
+    quant_schemes: tuple[str, ...] = ("unquantized",)
 
     @classmethod
     def supports_lora(cls) -> bool:
@@ -25,18 +32,23 @@ class TritonExperts(FusedMoEExperts):
 
     @classmethod
     def unsupported_reason(cls, moe):
+        if moe.quant_scheme not in cls.quant_schemes:
+            return f"runs {', '.join(cls.quant_schemes)} experts only"
         if moe.device != "cuda":
             return "needs a CUDA device"
         if not has_triton():
             return "triton is not installed"
-        if moe.quant_scheme != "unquantized":
-            return "unquantized weights only"
         return None
+
+    def gemm(self, a: torch.Tensor, weights: ExpertWeights, which: str, out: torch.Tensor,
+             aligned: dict, gather_rows: bool, topk_weights: torch.Tensor | None = None) -> None:
+        """``out[p] = (a[row(p)] @ W_e.T + bias_e) (* topk_weights[p])`` for the
+        ``which`` ("w13" or "w2") weights of each aligned pair's expert."""
+        raise NotImplementedError
 
     def apply(self, output, hidden_states, weights, topk_weights, topk_ids, *,
               expert_map=None, lora_context=None):
-        from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (
-            invoke_fused_moe_gemm, moe_block_size)
+        from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import moe_block_size
         T, k = topk_ids.shape
         E = self.moe.num_local_experts
         act = self.moe.activation
@@ -51,9 +63,8 @@ class TritonExperts(FusedMoEExperts):
 
         # (b) GEMM 1: cache1[t*k + j] = x[t] @ w13[e].T (+ bias)
         cache1 = x.new_empty(T * k, 2 * self.moe.intermediate_size)
-        invoke_fused_moe_gemm(x, weights.w13, cache1, gather_rows=True, bias=weights.w13_bias,
-                              **aligned)
-        # (c)
+        self.gemm(x, weights, "w13", cache1, aligned, gather_rows=True)
+        # (c) LoRA on the unquantized x
         alignment = self.apply_w13_lora(lora_context, x, cache1, ids)
 
         # (d)
@@ -65,11 +76,24 @@ class TritonExperts(FusedMoEExperts):
             cache3 = x.new_empty(T * k, self.moe.hidden_size)
         else:
             cache3 = x.new_zeros(T * k, self.moe.hidden_size)
-        invoke_fused_moe_gemm(cache2, weights.w2, cache3, gather_rows=False,
-                              bias=weights.w2_bias, topk_weights=topk_weights, **aligned)
-        # (f)
+        self.gemm(cache2, weights, "w2", cache3, aligned, gather_rows=False,
+                  topk_weights=topk_weights)
+        # (f) LoRA on the unquantized cache2
         self.apply_w2_lora(lora_context, cache2, cache3, topk_weights, alignment,
                            mul_routed_weight=True)
 
         # (g)
         torch.sum(cache3.view(T, k, self.moe.hidden_size), dim=1, out=output)
+
+
+class TritonExperts(TritonGroupedExperts):
+    """Unquantized experts on CUDA."""
+    name = "triton"
+
+    def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None):
+        from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (
+            invoke_fused_moe_gemm)
+        w13 = which == "w13"
+        invoke_fused_moe_gemm(a, weights.w13 if w13 else weights.w2, out, gather_rows=gather_rows,
+                              bias=weights.w13_bias if w13 else weights.w2_bias,
+                              topk_weights=topk_weights, **aligned)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.fused_moe.kernels.moe_tile import moe_tile, moe_tile_store
+
 
 @triton.jit
 def _fused_moe_gemm_kernel(
@@ -26,35 +28,12 @@ def _fused_moe_gemm_kernel(
         GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
         BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
-    # The grid covers the static worst case (CUDA graphs); programs past the
-    # real padded length leave at once.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(num_padded_pairs, BLOCK_SIZE_M)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    # Consecutive programs walk GROUP_SIZE_M row blocks before moving to the
-    # next column block, so one expert's weight tile is reused from L2.
-    num_pid_in_group = GROUP_SIZE_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_SIZE_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    if pid_m * BLOCK_SIZE_M >= tl.load(num_pairs_post_padded_ptr):
+    active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
+        tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
+        sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
+        GROUP_SIZE_M)
+    if not active:
         return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if expert == -1:
-        return
-
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
-    pair_mask = pair < num_valid_pairs
-    if GATHER_ROWS:
-        row = pair // top_k
-    else:
-        row = pair
-    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_SIZE_K)
 
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -70,16 +49,8 @@ def _fused_moe_gemm_kernel(
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert * stride_bias_e + offs_n * stride_bias_n, mask=n_mask,
-                       other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if MUL_ROUTED_WEIGHT:
-        w = tl.load(topk_weights_ptr + pair, mask=pair_mask, other=0.0)
-        acc *= w.to(tl.float32)[:, None]
-
-    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
+    moe_tile_store(acc, c_ptr, bias_ptr, topk_weights_ptr, expert, pair, pair_mask, offs_n, n_mask,
+                   stride_cm, stride_cn, stride_bias_e, stride_bias_n, HAS_BIAS, MUL_ROUTED_WEIGHT)
 
 
 def moe_block_size(num_pairs: int, num_experts: int) -> int:
