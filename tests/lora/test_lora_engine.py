@@ -192,3 +192,22 @@ def test_same_id_different_path_is_refused(path, adapters):
     llm.generate("x", GREEDY, lora_request=LoRARequest("a", 1, adapters[0]), use_tqdm=False)
     with pytest.raises(LoRAError, match="already used"):
         llm.generate("x", GREEDY, lora_request=LoRARequest("b", 1, adapters[1]), use_tqdm=False)
+
+
+def test_base_only_steps_use_the_fastest_backend(path, adapters):
+    """With LoRA on, a step whose adapters leave a MoE layer alone runs the
+    backend a LoRA-free engine would (on the CPU: grouped_mm, which cannot
+    do LoRA), with bit-identical results; steps with adapters use a
+    LoRA-capable one."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    plain = LLM(path, dtype="float32", max_model_len=256)
+    lora = LLM(path, dtype="float32", max_model_len=256, enable_lora=True, max_lora_rank=16)
+    method = lora.llm_engine.runner.model.model.layers[0].mlp.experts.base_layer.quant_method
+    assert method.base_kernel.experts.name == "grouped_mm"
+    assert method.kernel.experts.supports_lora()
+    a = plain.generate(PROMPTS, params, use_tqdm=False)
+    b = lora.generate(PROMPTS, params, use_tqdm=False)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert [{t: v.logprob for t, v in d.items()} for d in x.outputs[0].logprobs] == \
+            [{t: v.logprob for t, v in d.items()} for d in y.outputs[0].logprobs]

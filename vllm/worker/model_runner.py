@@ -149,9 +149,9 @@ class ModelRunner:
         if self.device.type != "cuda" or self.config.model_config.enforce_eager:
             return
         from vllm.model_executor.layers.fused_moe.layer import FusedMoE
-        unsafe = {type(m.quant_method.kernel.experts).__name__ for m in self.model.modules()
-                  if isinstance(m, FusedMoE)
-                  and not m.quant_method.kernel.experts.supports_cuda_graphs}
+        unsafe = {type(k.experts).__name__ for m in self.model.modules()
+                  if isinstance(m, FusedMoE) for k in m.quant_method.kernels()
+                  if not k.experts.supports_cuda_graphs}
         if not self.attention_backend.supports_cuda_graphs:
             unsafe.add(type(self.attention_backend).__name__)
         if unsafe:

@@ -220,7 +220,7 @@ class FusedMoE(nn.Module):
         c = self.moe_config
         return (f"experts={c.num_local_experts}/{c.num_experts}, top_k={c.top_k}, "
                 f"hidden={c.hidden_size}, intermediate={c.intermediate_size}, "
-                f"backend={type(self.quant_method.kernel.experts).__name__}")
+                f"backend={'/'.join(k.experts.name for k in self.quant_method.kernels())}")
 
 
 def _check_rows(loaded: torch.Tensor, rows: int, shard_id: str) -> None:

@@ -21,8 +21,14 @@ if TYPE_CHECKING:
 
 
 class FusedMoEMethodBase(ABC):
+    """``kernel`` serves steps with a LoRA context (a LoRA-capable backend
+    when adapters are enabled); ``base_kernel`` serves every other step. With
+    ``--moe-backend auto`` the latter is the best backend regardless of LoRA
+    support, so steps whose adapters leave the layer alone pay nothing for
+    ``--enable-lora``."""
     scheme: str = ""
     kernel: FusedMoEKernel
+    base_kernel: FusedMoEKernel
 
     @abstractmethod
     def create_weights(self, layer: "FusedMoE") -> None: ...
@@ -34,19 +40,26 @@ class FusedMoEMethodBase(ABC):
     def backends(self) -> tuple[type[FusedMoEExperts], ...]: ...
 
     def build_kernel(self, layer: "FusedMoE") -> None:
-        cls = select_experts_backend(layer.moe_config, self.backends(), layer.moe_backend,
-                                     layer.lora_enabled)
-        self.kernel = FusedMoEKernel(ReplicatedTokensPrepareAndFinalize(layer.parallel.tp),
-                                     cls(layer.moe_config))
+        moe = layer.moe_config
+        prepare_finalize = ReplicatedTokensPrepareAndFinalize(layer.parallel.tp)
+        cls = select_experts_backend(moe, self.backends(), layer.moe_backend, layer.lora_enabled)
+        self.kernel = self.base_kernel = FusedMoEKernel(prepare_finalize, cls(moe))
+        if layer.lora_enabled and layer.moe_backend == "auto":
+            base_cls = select_experts_backend(moe, self.backends(), "auto", False)
+            if base_cls is not cls:
+                self.base_kernel = FusedMoEKernel(prepare_finalize, base_cls(moe))
+
+    def kernels(self) -> list[FusedMoEKernel]:
+        return list(dict.fromkeys([self.kernel, self.base_kernel]))
 
     def process_weights_after_loading(self, layer: "FusedMoE") -> None:
         return None
 
     def apply(self, layer: "FusedMoE", hidden_states: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, lora_context: "MoELoRAContext | None" = None) -> torch.Tensor:
-        return self.kernel.forward(hidden_states, self.expert_weights(layer), topk_weights,
-                                   topk_ids, expert_map=layer.expert_map,
-                                   lora_context=lora_context)
+        kernel = self.kernel if lora_context is not None else self.base_kernel
+        return kernel.forward(hidden_states, self.expert_weights(layer), topk_weights, topk_ids,
+                              expert_map=layer.expert_map, lora_context=lora_context)
 
 
 def new_param(shape: tuple[int, ...], dtype: torch.dtype, loader) -> nn.Parameter:
