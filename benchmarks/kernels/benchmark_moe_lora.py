@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from benchmarks.kernels.timing import time_fn  # noqa: E402
 from vllm.lora.lora_context import MoELoRAContext  # noqa: E402
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, MoEActivation  # noqa: E402
 from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights  # noqa: E402
@@ -114,44 +115,6 @@ def check(case, backend, device, dtype) -> float:
     ref = torch.empty_like(x, **up)
     TorchReferenceExperts(cfg).apply(ref, x.to(**up), ref_w, tw, ids, lora_context=ref_ctx)
     return ((out.float() - ref).norm() / ref.norm()).item()
-
-
-def time_fn(fn, mode: str, device: str, iters: int) -> float:
-    """Median milliseconds per call."""
-    import time
-    if device != "cuda":
-        fn()
-        samples = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return sorted(samples)[len(samples) // 2]
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)  # > L2
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    if mode == "graph":
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            fn()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph, stream=stream):
-                fn()
-        run = graph.replay
-    else:
-        run = fn
-    samples = []
-    for _ in range(iters):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return sorted(samples)[len(samples) // 2]
 
 
 def copy_bandwidth(device: str) -> float:

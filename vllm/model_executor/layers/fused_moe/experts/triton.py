@@ -46,9 +46,13 @@ class TritonGroupedExperts(FusedMoEExperts):
         ``which`` ("w13" or "w2") weights of each aligned pair's expert."""
         raise NotImplementedError
 
+    def block_size(self, num_tokens: int) -> int:
+        """BLOCK_SIZE_M of both GEMMs (and of the pair alignment) for a step."""
+        from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import moe_block_size
+        return moe_block_size(num_tokens * self.moe.top_k, self.moe.num_local_experts)
+
     def apply(self, output, hidden_states, weights, topk_weights, topk_ids, *,
               expert_map=None, lora_context=None):
-        from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import moe_block_size
         T, k = topk_ids.shape
         E = self.moe.num_local_experts
         act = self.moe.activation
@@ -57,7 +61,7 @@ class TritonGroupedExperts(FusedMoEExperts):
         # (a) sort pairs by local expert in blocks of the GEMMs' BLOCK_SIZE_M
         ids = local_expert_ids(topk_ids, expert_map)
         sorted_pair_ids, expert_ids, num_pairs_post_padded = moe_align_block_size(
-            ids, moe_block_size(T * k, E), E)
+            ids, self.block_size(T), E)
         aligned = dict(sorted_pair_ids=sorted_pair_ids, expert_ids=expert_ids,
                        num_pairs_post_padded=num_pairs_post_padded, top_k=k)
 
@@ -87,13 +91,26 @@ class TritonGroupedExperts(FusedMoEExperts):
 
 
 class TritonExperts(TritonGroupedExperts):
-    """Unquantized experts on CUDA."""
+    """Unquantized experts on CUDA, with tuned launch configurations where
+    the package has them for this device and shape (kernels/tuned_configs.py)."""
     name = "triton"
+
+    def _configs(self, num_tokens: int) -> tuple[dict, dict]:
+        from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (
+            expert_gemm_configs)
+        m = self.moe
+        return expert_gemm_configs(num_tokens, m.top_k, m.num_local_experts, m.hidden_size,
+                                   m.intermediate_size, m.dtype)
+
+    def block_size(self, num_tokens: int) -> int:
+        return self._configs(num_tokens)[0]["BLOCK_SIZE_M"]
 
     def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None):
         from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (
             invoke_fused_moe_gemm)
         w13 = which == "w13"
+        num_tokens = a.shape[0] if gather_rows else a.shape[0] // aligned["top_k"]
+        config = self._configs(num_tokens)[0 if w13 else 1]
         invoke_fused_moe_gemm(a, weights.w13 if w13 else weights.w2, out, gather_rows=gather_rows,
                               bias=weights.w13_bias if w13 else weights.w2_bias,
-                              topk_weights=topk_weights, **aligned)
+                              topk_weights=topk_weights, config=config, **aligned)

@@ -1,0 +1,130 @@
+"""Tune the launch configurations of the unquantized expert GEMMs for this
+device and write them where ``TritonExperts`` finds them.
+
+    python benchmarks/kernels/tune_moe.py --shapes qwen3-30b-a3b \
+        --tokens 1 8 32 128 512 2048 8192 [--space quick|full] [--out DIR]
+
+For each token count, random routing is aligned once per candidate
+BLOCK_SIZE_M; for each of the two GEMMs the fastest of the candidate
+(BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps, num_stages) is kept
+(CUDA-graph replay, L2 flushed before each run); the BLOCK_SIZE_M with the
+smallest total wins. Each chosen pair of configs is checked against the
+torch reference before it is written. Results merge into an existing file,
+so token counts can be tuned over several runs. Default output: the
+package's ``kernels/configs`` directory.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from benchmarks.kernels.benchmark_moe_lora import SHAPES  # noqa: E402
+from benchmarks.kernels.timing import time_fn  # noqa: E402
+from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (  # noqa: E402
+    fused_moe_gemm_torch, invoke_fused_moe_gemm)
+from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (  # noqa: E402
+    CONFIG_DIR, config_filename, device_key)
+from vllm.model_executor.layers.fused_moe.moe_align import moe_align_block_size  # noqa: E402
+from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_experts  # noqa: E402
+
+SPACES = {
+    "quick": dict(m=[16, 32, 64, 128], n=[64, 128], k=[64, 128], group=[1, 16], warps=[4],
+                  stages=[3, 4]),
+    "full": dict(m=[16, 32, 64, 128], n=[32, 64, 128, 256], k=[64, 128, 256], group=[1, 16],
+                 warps=[4, 8], stages=[3, 4, 5]),
+}
+
+
+def candidates(space: dict, block_m: int) -> list[dict]:
+    return [{"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": g,
+             "num_warps": w, "num_stages": s}
+            for n, k, g, w, s in itertools.product(space["n"], space["k"], space["group"],
+                                                   space["warps"], space["stages"])]
+
+
+def tune_tokens(H: int, I: int, E: int, k: int, T: int, space: dict, dtype: torch.dtype,
+                device: str, iters: int, mode: str) -> dict:
+    g = torch.Generator().manual_seed(T)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, dtype)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, dtype)
+    x = torch.randn(T, H, generator=g).to(device, dtype)
+    cache2 = torch.randn(T * k, I, generator=g).to(device, dtype)
+    topk_weights, topk_ids = select_experts(torch.randn(T, E, generator=g).to(device),
+                                            RouterConfig(k))
+    best = None
+    for block_m in space["m"]:
+        sorted_ids, expert_ids, padded = moe_align_block_size(topk_ids, block_m, E)
+        aligned = dict(sorted_pair_ids=sorted_ids, expert_ids=expert_ids,
+                       num_pairs_post_padded=padded, top_k=k)
+        out1 = torch.empty(T * k, 2 * I, device=device, dtype=dtype)
+        out2 = torch.empty(T * k, H, device=device, dtype=dtype)
+        picks = []
+        for a, w, out, gather, weights in ((x, w13, out1, True, None),
+                                           (cache2, w2, out2, False, topk_weights)):
+            timed = []
+            for cfg in candidates(space, block_m):
+                def run(cfg=cfg, a=a, w=w, out=out, gather=gather, weights=weights):
+                    invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
+                                          config=cfg, **aligned)
+                try:
+                    timed.append((time_fn(run, mode, device, iters), cfg))
+                except Exception as e:  # e.g. out of shared memory: not a candidate
+                    print(f"  skip {cfg}: {type(e).__name__}")
+            picks.append(min(timed, key=lambda t: t[0]))
+        total = picks[0][0] + picks[1][0]
+        if best is None or total < best[0]:
+            best = (total, picks[0][1], picks[1][1], aligned)
+    total, cfg13, cfg2, aligned = best
+    check(x, w13, cache2, w2, topk_weights, aligned, cfg13, cfg2)
+    print(f"T={T}: {total * 1e3:.1f} us  w13 {cfg13}  w2 {cfg2}")
+    return {"w13": cfg13, "w2": cfg2}
+
+
+def check(x, w13, cache2, w2, topk_weights, aligned, cfg13, cfg2) -> None:
+    T, k = x.shape[0], aligned["top_k"]
+    for a, w, gather, weights, cfg in ((x, w13, True, None, cfg13),
+                                       (cache2, w2, False, topk_weights, cfg2)):
+        out = torch.full((T * k, w.shape[1]), float("nan"), device=x.device, dtype=x.dtype)
+        ref = torch.full_like(out, float("nan"))
+        invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights, config=cfg,
+                              **aligned)
+        fused_moe_gemm_torch(a, w, ref, gather_rows=gather, topk_weights=weights, **aligned)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        if not err < 2e-2:
+            raise SystemExit(f"config {cfg} is wrong: relative error {err:.3e}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b"])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
+    p.add_argument("--space", default="quick", choices=sorted(SPACES))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--mode", default="graph", choices=["graph", "eager"])
+    p.add_argument("--out", default=CONFIG_DIR)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    os.makedirs(args.out, exist_ok=True)
+    for shape in args.shapes:
+        H, I, E, k = SHAPES[shape]
+        path = os.path.join(args.out, config_filename(E, H, I, dtype, device_key()))
+        table = json.load(open(path)) if os.path.isfile(path) else {}
+        for T in args.tokens:
+            table[str(T)] = tune_tokens(H, I, E, k, T, SPACES[args.space], dtype, device,
+                                        args.iters, args.mode)
+            with open(path, "w") as f:  # after each token count: a long run keeps its results
+                json.dump(dict(sorted(table.items(), key=lambda kv: int(kv[0]))), f, indent=1)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

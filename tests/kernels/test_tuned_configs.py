@@ -1,0 +1,67 @@
+"""Tuned expert-GEMM configurations: lookup, use by TritonExperts, and the tuner."""
+import json
+
+import pytest
+import torch
+
+from benchmarks.kernels.tune_moe import tune_tokens
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, MoEActivation
+from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights
+from vllm.model_executor.layers.fused_moe.experts.torch_ref import TorchReferenceExperts
+from vllm.model_executor.layers.fused_moe.experts.triton import TritonExperts
+from vllm.model_executor.layers.fused_moe.kernels import tuned_configs
+
+
+def cfg(block_m, n=32):
+    return {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
+            "num_warps": 4, "num_stages": 2}
+
+
+@pytest.fixture
+def tuned_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_DIR", str(tmp_path))
+    tuned_configs.load_table.cache_clear()
+    yield tmp_path
+    tuned_configs.load_table.cache_clear()
+
+
+def write_table(directory, E, H, I, dtype, table):
+    name = tuned_configs.config_filename(E, H, I, dtype, tuned_configs.device_key())
+    (directory / name).write_text(json.dumps(table))
+
+
+def test_nearest_token_count_and_heuristic_fallback(tuned_dir):
+    E, H, I = 8, 64, 32
+    # no file: the heuristic (16-row blocks for a few tokens)
+    c13, c2 = tuned_configs.expert_gemm_configs(2, 2, E, H, I, torch.float32)
+    assert c13["BLOCK_SIZE_M"] == c2["BLOCK_SIZE_M"] == 16
+    write_table(tuned_dir, E, H, I, torch.float32,
+                {"1": {"w13": cfg(16), "w2": cfg(16)}, "64": {"w13": cfg(64), "w2": cfg(64)}})
+    tuned_configs.load_table.cache_clear()
+    assert tuned_configs.expert_gemm_configs(3, 2, E, H, I, torch.float32)[0]["BLOCK_SIZE_M"] == 16
+    assert tuned_configs.expert_gemm_configs(40, 2, E, H, I, torch.float32)[1]["BLOCK_SIZE_M"] == 64
+
+
+def test_triton_experts_follow_the_tuned_table(tuned_dir):
+    E, H, I, T, k = 8, 64, 32, 5, 2
+    write_table(tuned_dir, E, H, I, torch.float32, {"4": {"w13": cfg(32, 64), "w2": cfg(32)}})
+    moe = FusedMoEConfig(num_experts=E, num_local_experts=E, top_k=k, hidden_size=H,
+                         intermediate_size=I, activation=MoEActivation(), has_bias=False,
+                         dtype=torch.float32, device="cpu")
+    experts = TritonExperts(moe)
+    assert experts.block_size(T) == 32
+    g = torch.Generator().manual_seed(0)
+    w = ExpertWeights(torch.randn(E, 2 * I, H, generator=g) / 8, torch.randn(E, H, I, generator=g) / 6)
+    x = torch.randn(T, H, generator=g)
+    weights, ids = torch.rand(T, E, generator=g).softmax(-1).topk(k)
+    out, ref = torch.full((T, H), float("nan")), torch.empty(T, H)
+    experts.apply(out, x, w, weights, ids.to(torch.int32))
+    TorchReferenceExperts(moe).apply(ref, x, w, weights, ids.to(torch.int32))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tuner_picks_a_checked_config():
+    space = dict(m=[16, 32], n=[32], k=[32], group=[1], warps=[4], stages=[2])
+    entry = tune_tokens(H=64, I=32, E=4, k=2, T=6, space=space, dtype=torch.float32,
+                        device="cpu", iters=1, mode="eager")
+    assert entry["w13"]["BLOCK_SIZE_M"] == entry["w2"]["BLOCK_SIZE_M"] in (16, 32)
