@@ -21,6 +21,10 @@ if [[ "$what" == lora || "$what" == all ]]; then
     --mode graph eager 2>&1 | tee "$OUT/moe_lora.log" | tail -20
   status=$(( status | PIPESTATUS[0] ))
 fi
+if [[ "$what" == ops || "$what" == all ]]; then
+  python3 -m vllm.native_build 2>&1 | tail -1   # native ops for this machine (CUDA part too)
+  python3 benchmarks/kernels/benchmark_moe_ops.py --layer 2>&1 | tee "$OUT/moe_ops.log" | tail -16
+fi
 if [[ "$what" == bench || "$what" == all ]]; then
   python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --num-layers 4 \
     --batch-size 64 --input-len 128 --output-len 128 --compare-hf 2>&1 | tee "$OUT/throughput.log" | tail -8

@@ -74,25 +74,40 @@ def moe_lora_align_block_size_torch(topk_ids: torch.Tensor, token_lora_slot: tor
             torch.cat([r[2] for r in results]))
 
 
-def _use_triton(topk_ids: torch.Tensor) -> bool:
+def _implementation(device: torch.device) -> str:
+    """native, triton or torch, per ``VLLM_MOE_OPS_IMPL``. ``auto`` picks
+    Triton on CUDA (the measured default; see benchmarks/RESULTS.md) and the
+    native library on the CPU, else torch."""
     impl = envs.VLLM_MOE_OPS_IMPL
-    if impl == "torch":
-        return False
+    if impl not in ("auto", "native", "triton", "torch"):
+        raise ValueError(f"unknown VLLM_MOE_OPS_IMPL {impl!r}; choose from auto, native, "
+                         "triton, torch")
+    if impl == "native":
+        from vllm import native
+        if not native.available(device):
+            raise RuntimeError(f"VLLM_MOE_OPS_IMPL=native but the native ops are not built "
+                               f"for {device.type}")
+        return "native"
     if impl == "triton":
         if not has_triton():
             raise RuntimeError("VLLM_MOE_OPS_IMPL=triton but triton is not installed")
-        return True
-    # "native" has no kernels yet and falls back like "auto"
-    if impl not in ("auto", "native"):
-        raise ValueError(f"unknown VLLM_MOE_OPS_IMPL {impl!r}; choose from auto, native, "
-                         f"triton, torch")
-    return topk_ids.is_cuda and has_triton()
+        return "triton"
+    if impl == "torch":
+        return "torch"
+    if device.type == "cuda" and has_triton():
+        return "triton"
+    from vllm import native
+    return "native" if native.available(device) else "torch"
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``moe_align_block_size_torch`` through the fastest implementation here."""
-    if _use_triton(topk_ids):
+    """``moe_align_block_size_torch`` through the implementation chosen here."""
+    impl = _implementation(topk_ids.device)
+    if impl == "native":
+        from vllm import native
+        return native.moe_align(topk_ids, block_size, num_experts)
+    if impl == "triton":
         from vllm.model_executor.layers.fused_moe.kernels.moe_align_triton import (
             moe_align_block_size_triton)
         return moe_align_block_size_triton(topk_ids, block_size, num_experts)
@@ -102,8 +117,12 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
 def moe_lora_align_block_size(topk_ids: torch.Tensor, token_lora_slot: torch.Tensor,
                               block_size: int, num_experts: int, max_loras: int
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``moe_lora_align_block_size_torch`` through the fastest implementation here."""
-    if _use_triton(topk_ids):
+    """``moe_lora_align_block_size_torch`` through the implementation chosen here."""
+    impl = _implementation(topk_ids.device)
+    if impl == "native":
+        from vllm import native
+        return native.moe_align(topk_ids, block_size, num_experts, token_lora_slot, max_loras)
+    if impl == "triton":
         from vllm.model_executor.layers.fused_moe.kernels.moe_align_triton import (
             moe_lora_align_block_size_triton)
         return moe_lora_align_block_size_triton(topk_ids, token_lora_slot, block_size,

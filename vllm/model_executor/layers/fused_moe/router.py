@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm import envs
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -27,6 +29,13 @@ def select_experts(router_logits: torch.Tensor, cfg: RouterConfig,
     The correction bias (DeepSeek-V3 / GLM-4.5) only steers which experts are
     chosen; the weights come from the unbiased scores.
     """
+    if envs.VLLM_MOE_OPS_IMPL == "native" and correction_bias is None \
+            and cfg.num_expert_groups == 1:
+        from vllm import native
+        routed = native.topk_route(router_logits, cfg.top_k, cfg.scoring, cfg.renormalize,
+                                   cfg.routed_scaling_factor)
+        if routed is not None:
+            return routed
     logits = router_logits.float()
     if cfg.scoring == "topk_softmax":
         top = logits.topk(cfg.top_k, dim=-1)
