@@ -8,6 +8,10 @@ next to Hugging Face transformers ``generate`` on the same model and batch.
     # any local checkpoint
     python benchmarks/benchmark_throughput.py --model /path/to/model --batch-size 8
 
+    # what LoRA costs: (a) LoRA off, (b) LoRA on with base-only requests,
+    # (c) every request with one of 4 random rank-16 adapters (experts + q/v)
+    python benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --lora-comparison 4
+
 Prints one table; the ratio column divides by the first row.
 """
 from __future__ import annotations
@@ -56,20 +60,21 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(10, vocab, (n, length), generator=g).tolist()
 
 
-def run_engine(model: str, prompts: list[list[int]], output_len: int, args) -> float:
+def run_engine(model: str, prompts: list[list[int]], output_len: int, args,
+               loras: list | None = None, **engine_kwargs) -> float:
     from vllm import LLM, SamplingParams
     llm = LLM(model, dtype=args.dtype, max_model_len=args.input_len + output_len + 8,
               max_num_seqs=max(args.batch_size, 1), moe_backend=args.moe_backend,
-              enable_lora=args.enable_lora, enforce_eager=args.enforce_eager,
-              tensor_parallel_size=args.tensor_parallel_size,
-              enable_expert_parallel=args.enable_expert_parallel)
+              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+              enable_expert_parallel=args.enable_expert_parallel, **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
     # same shapes as the timed run, so Triton compiles every kernel variant first
-    llm.generate(batch, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.generate(batch, SamplingParams(max_tokens=4, ignore_eos=True), lora_request=loras,
+                 use_tqdm=False)
     _sync()
     start = time.perf_counter()
-    outs = llm.generate(batch, params, use_tqdm=False)
+    outs = llm.generate(batch, params, lora_request=loras, use_tqdm=False)
     _sync()
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
@@ -77,6 +82,43 @@ def run_engine(model: str, prompts: list[list[int]], output_len: int, args) -> f
     del llm
     _free()
     return elapsed
+
+
+def write_random_adapter(model: str, out: str, rank: int, seed: int) -> str:
+    """A per-expert PEFT adapter with random factors on every expert's
+    gate/up/down and on q_proj/v_proj of every layer."""
+    import json
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+    if os.path.isfile(os.path.join(out, "adapter_config.json")):
+        return out
+    cfg = AutoConfig.from_pretrained(model)
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    E = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def add(module: str, d_in: int, d_out: int) -> None:
+        key = f"base_model.model.model.layers.{module}"
+        tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) * d_in ** -0.5
+                                           ).to(torch.bfloat16)
+        tensors[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.01
+                                           ).to(torch.bfloat16)
+    for layer in range(cfg.num_hidden_layers):
+        add(f"{layer}.self_attn.q_proj", H, cfg.num_attention_heads * hd)
+        add(f"{layer}.self_attn.v_proj", H, cfg.num_key_value_heads * hd)
+        for e in range(E):
+            add(f"{layer}.mlp.experts.{e}.gate_proj", H, I)
+            add(f"{layer}.mlp.experts.{e}.up_proj", H, I)
+            add(f"{layer}.mlp.experts.{e}.down_proj", I, H)
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                   "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]},
+                  f)
+    return out
 
 
 def run_hf(model: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> float:
@@ -121,7 +163,9 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--moe-backend", default="auto")
-    p.add_argument("--enable-lora", action="store_true")
+    p.add_argument("--lora-comparison", type=int, default=0, metavar="N",
+                   help="time LoRA off / on with base requests / on with N adapters")
+    p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
@@ -136,6 +180,17 @@ def main() -> None:
     prompts = random_prompts(args.batch_size, args.input_len, vocab)
     label = f"vllm tp={args.tensor_parallel_size}{' ep' if args.enable_expert_parallel else ''}"
     rows = [(label, run_engine(model, prompts, args.output_len, args))]
+    if args.lora_comparison:
+        from vllm.lora.request import LoRARequest
+        n = args.lora_comparison
+        lora_kwargs = dict(enable_lora=True, max_loras=n, max_lora_rank=args.lora_rank)
+        rows.append(("lora on, base requests",
+                     run_engine(model, prompts, args.output_len, args, **lora_kwargs)))
+        paths = [write_random_adapter(model, f"{model}-lora{i}-r{args.lora_rank}",
+                                      args.lora_rank, seed=i) for i in range(n)]
+        loras = [LoRARequest(f"a{i % n}", i % n + 1, paths[i % n]) for i in range(len(prompts))]
+        rows.append((f"lora on, {n} adapters",
+                     run_engine(model, prompts, args.output_len, args, loras, **lora_kwargs)))
     if args.compare_hf:
         rows.append(("transformers generate", run_hf(model, prompts, args.output_len, dtype)))
     n, out_tokens = len(prompts), len(prompts) * args.output_len
@@ -143,11 +198,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nmodel {model} | device {device} | batch {n} | in {args.input_len} | "
           f"out {args.output_len} | dtype {args.dtype}")
-    print(f"{'system':<24}{'seconds':>10}{'prompts/s':>12}{'out tok/s':>12}"
-          f"{'engine speedup':>16}")
+    print(f"{'system':<26}{'seconds':>10}{'prompts/s':>12}{'out tok/s':>12}"
+          f"{'vs first row':>14}")
     for name, secs in rows:
-        print(f"{name:<24}{secs:>10.2f}{n / secs:>12.2f}{out_tokens / secs:>12.1f}"
-              f"{secs / base:>15.1f}x")
+        print(f"{name:<26}{secs:>10.2f}{n / secs:>12.2f}{out_tokens / secs:>12.1f}"
+              f"{base / secs:>13.2f}x")
 
 if __name__ == "__main__":
     main()

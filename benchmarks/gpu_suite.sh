@@ -28,5 +28,9 @@ fi
 if [[ "$what" == bench || "$what" == all ]]; then
   python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --num-layers 4 \
     --batch-size 64 --input-len 128 --output-len 128 --compare-hf 2>&1 | tee "$OUT/throughput.log" | tail -8
+  for bs in 32 64; do
+    python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --num-layers 4 \
+      --batch-size $bs --lora-comparison 4 2>&1 | tee -a "$OUT/throughput_lora.log" | tail -6
+  done
 fi
 exit $status
