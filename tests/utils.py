@@ -85,7 +85,7 @@ def engine_prefill_logits(llm, token_ids: list[int]) -> torch.Tensor:
         num_seqs=1, num_tokens=n, query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
         seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
         block_tables=torch.tensor([blocks], dtype=torch.int32, device=dev),
-        slot_mapping=torch.arange(n, device=dev), max_query_len=n, max_seq_len=n,
+        slot_mapping=torch.arange(n, device=dev), max_query_len=n,
         query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
     hidden = runner.model(torch.tensor(token_ids, device=dev), torch.arange(n, device=dev), meta)
     return runner.model.compute_logits(hidden).float().cpu()

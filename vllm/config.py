@@ -125,10 +125,6 @@ class DeviceConfig:
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
         return DeviceConfig(device)
 
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
-
 
 @dataclass
 class CacheConfig:

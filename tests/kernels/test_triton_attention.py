@@ -62,7 +62,7 @@ def make_batch(seqs: list[tuple[int, int]], block_size: int, num_heads: int,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=block_tables.to(device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        max_query_len=max(new for _, new in seqs), max_seq_len=max(seq_lens),
+        max_query_len=max(new for _, new in seqs),
         query_start_loc_cpu=starts, seq_lens_cpu=seq_lens)
     tensors = [t.to(device) for t in (q, k, v, kv_cache, sinks)]
     return (*tensors, meta)

@@ -1,7 +1,6 @@
 """The engine step loop: schedule -> run -> process outputs."""
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -71,7 +70,6 @@ class LLMEngine:
                                    lora.max_loras if lora else None)
         self.requests: dict[str, Request] = {}
         self.parents: dict[str, ParentRequest] = {}
-        self._counter = itertools.count()
         logger.info("engine ready: %s on %s, dtype %s, %d KV blocks of %d tokens",
                     mc.architecture, config.device_config.device, mc.dtype, num_blocks,
                     config.cache_config.block_size)

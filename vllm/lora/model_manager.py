@@ -81,8 +81,7 @@ class LoRAModelManager:
             if isinstance(base, FusedMoE):
                 cfg = base.moe_config
                 moe[name] = MoETarget(name, cfg.num_experts, cfg.hidden_size,
-                                      cfg.intermediate_size * cfg.tp_size, out_in,
-                                      cfg.activation.interleaved)
+                                      cfg.intermediate_size * cfg.tp_size, out_in)
                 continue
             prefix, _, leaf = name.rpartition(".")
             subs = packed.get(leaf, [leaf])

@@ -58,7 +58,6 @@ class MoETarget:
     hidden_size: int
     intermediate_size: int
     out_in_layout: bool = True
-    interleaved_gate_up: bool = False
 
 
 @dataclass
@@ -99,11 +98,6 @@ class LoRAAdapter:
         ranks = [w.rank for w in self.linear.values()]
         ranks += [p.rank for m in self.moe.values() for p in m.parts()]
         return max(ranks, default=0)
-
-    def size_bytes(self) -> int:
-        tensors = [t for w in self.linear.values() for t in (w.lora_a, w.lora_b)]
-        tensors += [t for m in self.moe.values() for p in m.parts() for t in (p.lora_a, p.lora_b)]
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass

@@ -66,7 +66,6 @@ class DecodeGraphs:
             num_seqs=B, num_tokens=B, query_start_loc=self.query_start_loc[:B + 1],
             seq_lens=self.seq_lens[:B], block_tables=self.block_tables[:B],
             slot_mapping=self.slot_mapping[:B], max_query_len=1,
-            max_seq_len=self.width * self.runner.block_size,
             query_start_loc_cpu=list(range(B + 1)), seq_lens_cpu=[1] * B)
 
     def _reset_inputs(self) -> None:

@@ -239,7 +239,7 @@ class ModelRunner:
             seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.int64, device=dev),
-            max_query_len=max(queries), max_seq_len=max(inp.seq_lens),
+            max_query_len=max(queries),
             query_start_loc_cpu=inp.query_start_loc, seq_lens_cpu=inp.seq_lens)
 
     def _forward(self, inp: ModelInput) -> torch.Tensor:

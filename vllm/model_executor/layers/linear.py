@@ -171,16 +171,6 @@ class ReplicatedLinear(LinearBase):
                          shard_input=False, shard_output=False, quant_method=quant_method)
 
 
-class ColumnParallelLinear(LinearBase):
-    """Output features split across tensor-parallel ranks."""
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 params_dtype: torch.dtype = torch.float32, tp: DeviceGroup | None = None,
-                 quant_method: LinearMethodBase | None = None):
-        super().__init__(input_size, [output_size], bias, params_dtype, tp,
-                         shard_input=False, shard_output=True, quant_method=quant_method)
-
-
 class MergedColumnParallelLinear(LinearBase):
     """Several column-parallel outputs in one matmul (gate_proj + up_proj);
     shard ids are the positions in ``output_sizes``."""

@@ -27,7 +27,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # [S, max_blocks] int32
     slot_mapping: torch.Tensor     # [T] int64: cache slot of each new token
     max_query_len: int
-    max_seq_len: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
 
