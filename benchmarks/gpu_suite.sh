@@ -20,6 +20,10 @@ if [[ "$what" == lora || "$what" == all ]]; then
   python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 --ranks 16 \
     --mode graph eager 2>&1 | tee "$OUT/moe_lora.log" | tail -20
   status=$(( status | PIPESTATUS[0] ))
+  for q in fp8-block int4; do  # retention with quantized experts (LoRA stays bf16)
+    python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 \
+      --ranks 16 --mode graph --quant $q 2>&1 | tee -a "$OUT/moe_lora_quant.log" | tail -9
+  done
 fi
 if [[ "$what" == ops || "$what" == all ]]; then
   python3 -m vllm.native_build 2>&1 | tail -1   # native ops for this machine (CUDA part too)

@@ -51,17 +51,76 @@ class Case:
     rank: int
 
 
-def build(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0):
+QUANT_SCHEMES = ("none", "fp8-block", "fp8-channel", "int4")
+
+
+def quantize_experts(weights: ExpertWeights, quant: str, device: str) -> ExpertWeights:
+    """The same experts in a quantized layout (the quantization tool's own
+    quantizers), as the experts classes receive them after loading."""
+    from vllm.model_executor.quantization.expert_weights import (Fp8ExpertQuant,
+                                                                 PackedExpertQuant)
+    from vllm.model_executor.quantization.fp8_activation import Fp8ActScheme
+    from vllm.tools.quantize import quantize_fp8, quantize_int4
+    qs, scales = {}, {}
+    group = 128 if min(weights.w2.shape[1:]) % 128 == 0 else 32  # 32 for toy shapes
+    for which, w in (("w13", weights.w13), ("w2", weights.w2)):
+        parts = []
+        for e in range(w.shape[0]):
+            if quant == "int4":
+                words, scale = quantize_int4(w[e].cpu(), group)
+                parts.append((words.view(torch.uint8), scale))  # the same nibbles as bytes
+            elif quant == "fp8-channel":
+                q, scale = quantize_fp8(w[e], "channel")
+                parts.append((q, scale.squeeze(1)))
+            else:  # block scales expanded to one row per output row
+                q, scale = quantize_fp8(w[e], "block", (128, 128))
+                parts.append((q, scale.repeat_interleave(128, 0)[:w.shape[1]]))
+        qs[which] = torch.stack([p[0] for p in parts]).to(device)
+        scales[which] = torch.stack([p[1] for p in parts]).to(device)
+    if quant == "int4":
+        payload = PackedExpertQuant("int4", group, scales["w13"], scales["w2"])
+    else:
+        block = quant == "fp8-block"
+        payload = Fp8ExpertQuant(scales["w13"], scales["w2"], 128 if block else None,
+                                 Fp8ActScheme("group", 128) if block else Fp8ActScheme("token"))
+    return ExpertWeights(qs["w13"], qs["w2"], quant=payload)
+
+
+def experts_classes(quant: str, backend: str):
+    """(the experts class to time, its torch reference)"""
+    from vllm.model_executor.layers.fused_moe.experts import torch_quantized, torch_ref
+    if quant == "none":
+        if backend == "triton":
+            from vllm.model_executor.layers.fused_moe.experts.triton import TritonExperts
+            return TritonExperts, torch_ref.TorchReferenceExperts
+        return torch_ref.TorchReferenceExperts, torch_ref.TorchReferenceExperts
+    ref = torch_quantized.TorchWeightOnlyExperts if quant == "int4" \
+        else torch_quantized.TorchFp8Experts
+    if backend != "triton":
+        return ref, ref
+    if quant == "int4":
+        from vllm.model_executor.layers.fused_moe.experts.triton_weight_only import (
+            TritonWeightOnlyExperts)
+        return TritonWeightOnlyExperts, ref
+    from vllm.model_executor.layers.fused_moe.experts.triton_fp8 import TritonFp8Experts
+    return TritonFp8Experts, ref
+
+
+def build(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0,
+          quant: str = "none"):
     H, I, E, k = SHAPES[case.shape]
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, scale):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
+    scheme = {"none": "unquantized", "int4": "int4"}.get(quant, "fp8")
     cfg = FusedMoEConfig(num_experts=E, num_local_experts=E, top_k=k, hidden_size=H,
                          intermediate_size=I, activation=MoEActivation(), has_bias=False,
-                         dtype=dtype, device=device)
+                         dtype=dtype, device=device, quant_scheme=scheme)
     weights = ExpertWeights(rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5))
+    if quant != "none":
+        weights = quantize_experts(weights, quant, device)
     x = rnd(case.tokens, H, scale=1.0)
     logits = torch.randn(case.tokens, E, generator=g).to(device)
     topk_weights, topk_ids = select_experts(logits, RouterConfig(k, renormalize=True))
@@ -73,47 +132,52 @@ def build(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int =
     slots = [t % L for t in range(case.tokens)]
     if backend == "triton":
         from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper as Punica
-        from vllm.model_executor.layers.fused_moe.experts.triton import TritonExperts as Experts
     else:
         from vllm.lora.punica_wrapper.torch_wrapper import TorchPunicaWrapper as Punica
-        from vllm.model_executor.layers.fused_moe.experts.torch_ref import (
-            TorchReferenceExperts as Experts)
     punica = Punica(L, torch.device(device))
     punica.update_mapping(slots)
     ctx = MoELoRAContext(**ctx_tensors, adapter_enabled=torch.ones(L, dtype=torch.int32,
                                                                     device=device),
                          max_loras=L, top_k=k, w13_num_slices=2, w13_slice_offsets=[0, I],
                          punica=punica)
-    return cfg, Experts(cfg), weights, x, topk_weights, topk_ids, ctx, slots
+    experts_cls, _ = experts_classes(quant, backend)
+    return cfg, experts_cls(cfg), weights, x, topk_weights, topk_ids, ctx, slots
 
 
-def bytes_moved(case: Case, topk_ids: torch.Tensor, slots: list[int], elem: int) -> tuple[int, int]:
+def bytes_moved(case: Case, topk_ids: torch.Tensor, slots: list[int], elem: int,
+                weight_bytes: float | None = None) -> tuple[int, int]:
+    """Bytes a bandwidth-bound layer must read or write; expert weights at
+    ``weight_bytes`` per value (quantized formats), LoRA factors at ``elem``."""
     H, I, E, k = SHAPES[case.shape]
     ids = topk_ids.cpu().long()
     experts = set(ids.flatten().tolist())
     pairs = {(slots[t], int(e)) for t in range(ids.shape[0]) for e in ids[t]}
-    base = len(experts) * 3 * H * I * elem + 2 * case.tokens * H * elem
+    base = int(len(experts) * 3 * H * I * (weight_bytes or elem)) + 2 * case.tokens * H * elem
     lora = len(pairs) * case.rank * 3 * (H + I) * elem
     return base, lora
 
 
-def check(case, backend, device, dtype) -> float:
-    """Relative error of backend + LoRA against the torch reference."""
+def check(case, backend, device, dtype, quant: str = "none") -> float:
+    """Relative error of backend + LoRA against the torch reference (the
+    torch experts of the same weight format, LoRA through torch ops)."""
     from vllm.lora.punica_wrapper.torch_wrapper import TorchPunicaWrapper
-    from vllm.model_executor.layers.fused_moe.experts.torch_ref import TorchReferenceExperts
-    cfg, experts, w, x, tw, ids, ctx, slots = build(case, backend, device, dtype)
+    cfg, experts, w, x, tw, ids, ctx, slots = build(case, backend, device, dtype, quant=quant)
     out = torch.full_like(x, float("nan"))
     experts.apply(out, x, w, tw, ids, lora_context=ctx)
     ref_punica = TorchPunicaWrapper(ctx.max_loras, torch.device(device))
     ref_punica.update_mapping(slots)
     ref_ctx = MoELoRAContext(**{**ctx.__dict__, "punica": ref_punica})
     up = dict(dtype=torch.float32)
-    ref_w = ExpertWeights(w.w13.to(**up), w.w2.to(**up))
     ref_ctx.w13_lora_a = [t.to(**up) for t in ctx.w13_lora_a]
     ref_ctx.w13_lora_b = [t.to(**up) for t in ctx.w13_lora_b]
     ref_ctx.w2_lora_a, ref_ctx.w2_lora_b = ctx.w2_lora_a.to(**up), ctx.w2_lora_b.to(**up)
+    if quant == "none":
+        ref_w = ExpertWeights(w.w13.to(**up), w.w2.to(**up))
+    else:
+        ref_w = w  # quantized payloads dequantize to float32 in the torch class
     ref = torch.empty_like(x, **up)
-    TorchReferenceExperts(cfg).apply(ref, x.to(**up), ref_w, tw, ids, lora_context=ref_ctx)
+    _, ref_cls = experts_classes(quant, backend)
+    ref_cls(cfg).apply(ref, x.to(**up), ref_w, tw, ids, lora_context=ref_ctx)
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
@@ -138,6 +202,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--tolerance", type=float, default=2e-2)
+    p.add_argument("--quant", default="none", choices=QUANT_SCHEMES,
+                   help="expert weight format (LoRA factors stay in --dtype)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = args.backend or ("triton" if device == "cuda" else "torch")
@@ -148,7 +214,7 @@ def main() -> None:
     failures = []
     for case in cases:
         err = check(Case(case.shape, min(case.tokens, 64), case.adapters, case.rank), backend,
-                    device, dtype)
+                    device, dtype, args.quant)
         if not err < args.tolerance:
             failures.append(f"{case}: relative error {err:.3e}")
     if failures:
@@ -159,19 +225,22 @@ def main() -> None:
     bw = copy_bandwidth(device)
     elem = torch.empty((), dtype=dtype).element_size()
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"\ndevice {name} | backend {backend} | {str(dtype).replace('torch.', '')} | copy bandwidth "
+    print(f"\ndevice {name} | backend {backend} | experts {args.quant} | "
+          f"{str(dtype).replace('torch.', '')} | copy bandwidth "
           f"{bw / 1e12:.2f} TB/s (read + write)")
     header = (f"{'shape':<15}{'mode':<7}{'tok':>6}{'ad':>4}{'r':>4}{'base ms':>9}{'+lora ms':>10}"
               f"{'retain':>8}{'ceiling':>8}{'MB base':>9}{'MB lora':>9}{'bw base':>8}{'bw all':>8}")
     print(header)
     for mode in args.mode:
         for case in cases:
-            cfg, experts, w, x, tw, ids, ctx, slots = build(case, backend, device, dtype)
+            cfg, experts, w, x, tw, ids, ctx, slots = build(case, backend, device, dtype,
+                                                            quant=args.quant)
             out = torch.empty_like(x)
             base_ms = time_fn(lambda: experts.apply(out, x, w, tw, ids), mode, device, args.iters)
             lora_ms = time_fn(lambda: experts.apply(out, x, w, tw, ids, lora_context=ctx), mode,
                               device, args.iters)
-            base_b, lora_b = bytes_moved(case, ids, slots, elem)
+            weight_bytes = {"none": None, "int4": 0.5}.get(args.quant, 1.0)
+            base_b, lora_b = bytes_moved(case, ids, slots, elem, weight_bytes)
             frac = lambda nbytes, ms: nbytes / (ms / 1e3) / bw  # noqa: E731
             print(f"{case.shape:<15}{mode:<7}{case.tokens:>6}{case.adapters:>4}{case.rank:>4}"
                   f"{base_ms:>9.3f}{lora_ms:>10.3f}{base_ms / lora_ms:>8.2f}"
