@@ -42,7 +42,13 @@ class OpenAIServingModels:
         return self.served_model_names[0]
 
     def resolve(self, model: str | None) -> LoRARequest | None:
-        """The adapter a request's ``model`` names (None for the base model)."""
+        """The adapter a request's ``model`` names (None for the base model).
+
+        Callers must hand the result to the engine (``AsyncLLMEngine``'s add,
+        which enqueues before it awaits) with no ``await`` in between: the
+        engine thread runs commands in order, so a request that resolved an
+        adapter is in the engine before any later unload of that adapter,
+        which the engine then refuses while the request runs."""
         if model is None or model in self.served_model_names:
             return None
         lora = self.loras.get(model)
