@@ -179,15 +179,15 @@ def quantized_reference(cfg, w, x, weights, ids, t_ctx, enabled, slots, fq13, fq
 
 
 def variants(cls) -> list[str]:
-    schemes = getattr(cls, "quant_schemes", None)
-    if not schemes:
-        return ["none"]
-    out = []
+    schemes = getattr(cls, "quant_schemes", None) or ("unquantized",)
+    out = ["none"] if "unquantized" in schemes else []
     if "fp8" in schemes:
         out += ["fp8-channel-token", "fp8-block-group", "fp8-tensor-static"]
     if "fp8_w8a16" in schemes:
         out += ["fp8-w8a16"]
     out += [s for s in ("int4", "nvfp4", "mxfp4") if s in schemes]
+    # a LoRA-capable class without cases would pass this test without running
+    assert out, f"{cls.__name__} declares no scheme this test knows: {schemes}"
     return out
 
 
@@ -270,5 +270,13 @@ def test_every_lora_backend_is_covered():
     assert {"torch", "triton"} <= names
     assert "grouped_mm" not in names
     classes = {c.__name__ for c in LORA_BACKENDS}
-    assert {"TorchFp8Experts", "TritonFp8Experts", "TorchWeightOnlyExperts",
-            "TritonWeightOnlyExperts"} <= classes
+    assert {"TorchReferenceExperts", "TritonExperts", "TorchFp8Experts", "TritonFp8Experts",
+            "TorchWeightOnlyExperts", "TritonWeightOnlyExperts"} <= classes
+
+
+def test_every_lora_backend_has_cases():
+    """Each LoRA-capable class runs in the conformance test above, with its
+    unquantized weights or with each quantized format it declares."""
+    for cls in LORA_BACKENDS:
+        assert variants(cls), cls
+    assert variants(next(c for c in LORA_BACKENDS if c.__name__ == "TritonExperts")) == ["none"]
