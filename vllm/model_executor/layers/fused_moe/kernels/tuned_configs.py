@@ -27,7 +27,9 @@ from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (default
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
+@functools.lru_cache(maxsize=None)
 def device_key() -> str:
+    """The device name in config file names (asked once: a driver query)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace(" ", "_")
     return "cpu"
