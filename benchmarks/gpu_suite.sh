@@ -15,6 +15,8 @@ status=0
 if [[ "$what" == tests || "$what" == all ]]; then
   python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
   status=${PIPESTATUS[0]}
+  python3 benchmarks/kernels/kernel_errors.py 2>&1 | tee "$OUT/kernel_errors.log" | tail -10
+  status=$(( status | PIPESTATUS[0] ))
 fi
 if [[ "$what" == lora || "$what" == all ]]; then
   python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 --ranks 16 \
