@@ -26,6 +26,14 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
         setattr(param, key, value)
 
 
+def new_param(shape: tuple[int, ...], dtype: torch.dtype, **attrs: Any) -> nn.Parameter:
+    """An uninitialised, frozen parameter carrying loader attributes
+    (``weight_loader``, ``output_dim``, ...)."""
+    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    set_weight_attrs(param, attrs)
+    return param
+
+
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
         raise WeightShapeError(f"shape {tuple(loaded.shape)} does not match the expected "
@@ -51,11 +59,9 @@ class LinearMethodBase(ABC):
 class UnquantizedLinearMethod(LinearMethodBase):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
-        weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype),
-                              requires_grad=False)
-        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0,
-                                  "weight_loader": layer.weight_loader})
-        layer.register_parameter("weight", weight)
+        layer.register_parameter("weight", new_param(
+            (sum(output_sizes), input_size), params_dtype, input_dim=1, output_dim=0,
+            weight_loader=layer.weight_loader))
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:

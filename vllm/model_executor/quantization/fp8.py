@@ -24,7 +24,7 @@ from torch import nn
 
 from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights
 from vllm.model_executor.layers.fused_moe.method import FusedMoEMethodBase
-from vllm.model_executor.layers.linear import LinearMethodBase, WeightShapeError, set_weight_attrs
+from vllm.model_executor.layers.linear import LinearMethodBase, WeightShapeError, new_param
 from vllm.model_executor.quantization.base import (QuantizationConfig, QuantizationError,
                                                    get_field, matches_module_path)
 from vllm.model_executor.quantization.dequant import FP8_DTYPE, dequant_fp8
@@ -52,12 +52,6 @@ class Fp8Scheme:
         act = "W8A16" if self.act is None else f"activations {self.act.kind}"
         blk = f" {self.block[0]}x{self.block[1]}" if self.block else ""
         return f"FP8 {self.weight}{blk} weights, {act}"
-
-
-def _param(shape, dtype, **attrs) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    set_weight_attrs(p, attrs)
-    return p
 
 
 def _replace(layer: nn.Module, name: str, value: torch.Tensor | None) -> None:
@@ -111,7 +105,7 @@ class Fp8LinearMethod(LinearMethodBase):
     def create_weights(self, layer, input_size, output_sizes, params_dtype):
         s = self.scheme
         n = sum(output_sizes)
-        layer.register_parameter("weight", _param((n, input_size), FP8_DTYPE, input_dim=1,
+        layer.register_parameter("weight", new_param((n, input_size), FP8_DTYPE, input_dim=1,
                                                   output_dim=0,
                                                   weight_loader=layer.weight_loader))
         if s.weight == "block":
@@ -119,16 +113,16 @@ class Fp8LinearMethod(LinearMethodBase):
             if layer.shard_input and input_size % bk:
                 raise QuantizationError(f"{s.describe()}: input partition {input_size} is not a "
                                         f"multiple of the block size {bk}")
-            scale = _param((n, -(-input_size // bk)), torch.float32, output_dim=0, input_dim=1,
+            scale = new_param((n, -(-input_size // bk)), torch.float32, output_dim=0, input_dim=1,
                            weight_loader=rows_loader(layer, bn))
         elif s.weight == "channel":
-            scale = _param((n,), torch.float32, output_dim=0, weight_loader=rows_loader(layer))
+            scale = new_param((n,), torch.float32, output_dim=0, weight_loader=rows_loader(layer))
         else:
-            scale = _param((len(output_sizes),), torch.float32,
+            scale = new_param((len(output_sizes),), torch.float32,
                            weight_loader=shard_scalar_loader(layer))
         layer.register_parameter(s.scale_name, scale)
         if s.act is not None and s.act.kind == "static":
-            layer.register_parameter("input_scale", _param(
+            layer.register_parameter("input_scale", new_param(
                 (len(output_sizes),), torch.float32, weight_loader=shard_scalar_loader(layer)))
 
     def process_weights_after_loading(self, layer):
@@ -186,31 +180,31 @@ class Fp8MoEMethod(FusedMoEMethodBase):
         s = self.fp8
         E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         loader = layer.weight_loader
-        layer.w13_weight = _param((E, 2 * I, H), FP8_DTYPE, weight_loader=loader)
-        layer.w2_weight = _param((E, H, I), FP8_DTYPE, weight_loader=loader)
+        layer.w13_weight = new_param((E, 2 * I, H), FP8_DTYPE, weight_loader=loader)
+        layer.w2_weight = new_param((E, H, I), FP8_DTYPE, weight_loader=loader)
         if cfg.has_bias:
-            layer.w13_bias = _param((E, 2 * I), cfg.dtype, weight_loader=loader)
-            layer.w2_bias = _param((E, H), cfg.dtype, weight_loader=loader)
+            layer.w13_bias = new_param((E, 2 * I), cfg.dtype, weight_loader=loader)
+            layer.w2_bias = new_param((E, H), cfg.dtype, weight_loader=loader)
         quant = dict(quant_param=True, weight_loader=loader)
         if s.weight == "block":
             bn, bk = s.block
             if cfg.tp_size > 1 and I % bk:
                 raise QuantizationError(f"{s.describe()}: the per-rank intermediate size {I} is "
                                         f"not a multiple of the block size {bk}")
-            w13 = _param((E, 2 * I, -(-H // bk)), torch.float32, quant_rows=bn, quant_cols=bk,
+            w13 = new_param((E, 2 * I, -(-H // bk)), torch.float32, quant_rows=bn, quant_cols=bk,
                          **quant)
-            w2 = _param((E, H, -(-I // bk)), torch.float32, quant_rows=bn, quant_cols=bk, **quant)
+            w2 = new_param((E, H, -(-I // bk)), torch.float32, quant_rows=bn, quant_cols=bk, **quant)
         elif s.weight == "channel":
-            w13 = _param((E, 2 * I), torch.float32, **quant)
-            w2 = _param((E, H), torch.float32, **quant)
+            w13 = new_param((E, 2 * I), torch.float32, **quant)
+            w2 = new_param((E, H), torch.float32, **quant)
         else:
-            w13 = _param((E, 2), torch.float32, expert_scalar=True, **quant)
-            w2 = _param((E,), torch.float32, expert_scalar=True, **quant)
+            w13 = new_param((E, 2), torch.float32, expert_scalar=True, **quant)
+            w2 = new_param((E,), torch.float32, expert_scalar=True, **quant)
         setattr(layer, f"w13_{s.scale_name}", w13)
         setattr(layer, f"w2_{s.scale_name}", w2)
         if s.act is not None and s.act.kind == "static":
-            layer.w13_input_scale = _param((E, 2), torch.float32, expert_scalar=True, **quant)
-            layer.w2_input_scale = _param((E,), torch.float32, expert_scalar=True, **quant)
+            layer.w13_input_scale = new_param((E, 2), torch.float32, expert_scalar=True, **quant)
+            layer.w2_input_scale = new_param((E,), torch.float32, expert_scalar=True, **quant)
 
     def process_weights_after_loading(self, layer):
         s = self.fp8

@@ -30,7 +30,7 @@ from torch import nn
 
 from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights
 from vllm.model_executor.layers.fused_moe.method import FusedMoEMethodBase
-from vllm.model_executor.layers.linear import LinearMethodBase, set_weight_attrs
+from vllm.model_executor.layers.linear import LinearMethodBase, new_param
 from vllm.model_executor.quantization.base import QuantizationError
 from vllm.model_executor.quantization.dequant import (dequant_fp4, dequant_int4,
                                                       int32_words_to_bytes)
@@ -83,12 +83,6 @@ def _converting(loader, convert):
     return load
 
 
-def _param(shape, dtype, **attrs) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    set_weight_attrs(p, attrs)
-    return p
-
-
 def _check_k(scheme: PackedScheme, k: int, what: str) -> None:
     if k % scheme.group_size:
         raise QuantizationError(f"{scheme.describe()}: {what} {k} is not a multiple of the "
@@ -107,16 +101,16 @@ class WeightOnlyLinearMethod(LinearMethodBase):
         _check_k(s, input_size, "input size")
         n = sum(output_sizes)
         loader = layer.weight_loader
-        layer.register_parameter(s.weight_name, _param(
+        layer.register_parameter(s.weight_name, new_param(
             (n, input_size // 2), torch.uint8, output_dim=0, input_dim=1,
             weight_loader=_converting(loader, as_bytes)))
         scale_dtype = s.scale_dtype or params_dtype
         convert = as_bytes if s.scale_dtype == torch.uint8 else (lambda t: t)
-        layer.register_parameter(s.scale_name, _param(
+        layer.register_parameter(s.scale_name, new_param(
             (n, input_size // s.group_size), scale_dtype, output_dim=0, input_dim=1,
             weight_loader=_converting(loader, convert)))
         if s.global_name:
-            layer.register_parameter(s.global_name, _param(
+            layer.register_parameter(s.global_name, new_param(
                 (len(output_sizes),), torch.float32, weight_loader=shard_scalar_loader(layer)))
 
     def process_weights_after_loading(self, layer):
@@ -153,26 +147,26 @@ class WeightOnlyMoEMethod(FusedMoEMethodBase):
         quant = dict(quant_param=True)
         to_bytes = _converting(loader, as_bytes)
         setattr(layer, f"w13_{s.weight_name}",
-                _param((E, 2 * I, H // 2), torch.uint8, weight_loader=to_bytes, **quant))
+                new_param((E, 2 * I, H // 2), torch.uint8, weight_loader=to_bytes, **quant))
         setattr(layer, f"w2_{s.weight_name}",
-                _param((E, H, I // 2), torch.uint8, quant_cols=2, weight_loader=to_bytes,
+                new_param((E, H, I // 2), torch.uint8, quant_cols=2, weight_loader=to_bytes,
                        **quant))
         scale_dtype = s.scale_dtype or cfg.dtype
         scale_loader = to_bytes if s.scale_dtype == torch.uint8 else loader
         g = s.group_size
         setattr(layer, f"w13_{s.scale_name}",
-                _param((E, 2 * I, H // g), scale_dtype, weight_loader=scale_loader, **quant))
+                new_param((E, 2 * I, H // g), scale_dtype, weight_loader=scale_loader, **quant))
         setattr(layer, f"w2_{s.scale_name}",
-                _param((E, H, I // g), scale_dtype, quant_cols=g, weight_loader=scale_loader,
+                new_param((E, H, I // g), scale_dtype, quant_cols=g, weight_loader=scale_loader,
                        **quant))
         if s.global_name:
-            setattr(layer, f"w13_{s.global_name}", _param(
+            setattr(layer, f"w13_{s.global_name}", new_param(
                 (E, 2), torch.float32, expert_scalar=True, weight_loader=loader, **quant))
-            setattr(layer, f"w2_{s.global_name}", _param(
+            setattr(layer, f"w2_{s.global_name}", new_param(
                 (E,), torch.float32, expert_scalar=True, weight_loader=loader, **quant))
         if cfg.has_bias:
-            layer.w13_bias = _param((E, 2 * I), cfg.dtype, weight_loader=loader)
-            layer.w2_bias = _param((E, H), cfg.dtype, weight_loader=loader)
+            layer.w13_bias = new_param((E, 2 * I), cfg.dtype, weight_loader=loader)
+            layer.w2_bias = new_param((E, H), cfg.dtype, weight_loader=loader)
 
     def process_weights_after_loading(self, layer):
         s = self.packed

@@ -7,13 +7,12 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights, FusedMoEExperts
 from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernel
 from vllm.model_executor.layers.fused_moe.oracle import select_experts_backend
 from vllm.model_executor.layers.fused_moe.prepare_finalize import ReplicatedTokensPrepareAndFinalize
-from vllm.model_executor.layers.linear import set_weight_attrs
+from vllm.model_executor.layers.linear import new_param
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -62,12 +61,6 @@ class FusedMoEMethodBase(ABC):
                               expert_map=layer.expert_map, lora_context=lora_context)
 
 
-def new_param(shape: tuple[int, ...], dtype: torch.dtype, loader) -> nn.Parameter:
-    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    set_weight_attrs(param, {"weight_loader": loader})
-    return param
-
-
 class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
     scheme = "unquantized"
 
@@ -75,11 +68,11 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
         cfg = layer.moe_config
         E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         dtype, loader = cfg.dtype, layer.weight_loader
-        layer.w13_weight = new_param((E, 2 * I, H), dtype, loader)
-        layer.w2_weight = new_param((E, H, I), dtype, loader)
+        layer.w13_weight = new_param((E, 2 * I, H), dtype, weight_loader=loader)
+        layer.w2_weight = new_param((E, H, I), dtype, weight_loader=loader)
         if cfg.has_bias:
-            layer.w13_bias = new_param((E, 2 * I), dtype, loader)
-            layer.w2_bias = new_param((E, H), dtype, loader)
+            layer.w13_bias = new_param((E, 2 * I), dtype, weight_loader=loader)
+            layer.w2_bias = new_param((E, H), dtype, weight_loader=loader)
 
     def expert_weights(self, layer: "FusedMoE") -> ExpertWeights:
         return ExpertWeights(layer.w13_weight, layer.w2_weight,

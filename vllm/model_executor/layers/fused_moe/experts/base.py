@@ -39,6 +39,8 @@ class FusedMoEExperts(ABC):
     # Whether apply() can be captured in a CUDA graph (no host syncs, no
     # data-dependent host control flow).
     supports_cuda_graphs: ClassVar[bool] = False
+    # FusedMoEConfig.quant_scheme values whose weights apply() understands.
+    quant_schemes: ClassVar[tuple[str, ...]] = ("unquantized",)
 
     def __init__(self, moe: FusedMoEConfig):
         self.moe = moe
@@ -50,7 +52,10 @@ class FusedMoEExperts(ABC):
 
     @classmethod
     def unsupported_reason(cls, moe: FusedMoEConfig) -> str | None:
-        """None if this backend can run ``moe`` here, else why not."""
+        """None if this backend can run ``moe`` here, else why not.
+        Subclasses add their own conditions to this scheme check."""
+        if moe.quant_scheme not in cls.quant_schemes:
+            return f"runs {', '.join(cls.quant_schemes)} experts only"
         return None
 
     @abstractmethod

@@ -20,8 +20,9 @@ class GroupedMMExperts(FusedMoEExperts):
 
     @classmethod
     def unsupported_reason(cls, moe):
-        if moe.quant_scheme != "unquantized":
-            return "unquantized weights only"
+        reason = super().unsupported_reason(moe)
+        if reason is not None:
+            return reason
         if not hasattr(torch, "_grouped_mm"):
             return "this torch has no _grouped_mm"
         if moe.device == "cuda":

@@ -17,8 +17,6 @@ from vllm.model_executor.quantization.fp8_activation import fake_quantize_fp8_ac
 
 
 class _TorchDequantExperts(TorchReferenceExperts):
-    quant_schemes: tuple[str, ...] = ()
-
     def expert_weight(self, weights: ExpertWeights, which: str, e: int) -> torch.Tensor:
         packed = weights.w13 if which == "w13" else weights.w2
         return weights.quant.dequant(packed, which, e)

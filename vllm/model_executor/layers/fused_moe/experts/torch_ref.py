@@ -15,17 +15,10 @@ from vllm.model_executor.layers.fused_moe.experts.base import (ExpertWeights, Fu
 class TorchReferenceExperts(FusedMoEExperts):
     name = "torch"
     priority = 0
-    quant_schemes: tuple[str, ...] = ("unquantized",)
 
     @classmethod
     def supports_lora(cls) -> bool:
         return True
-
-    @classmethod
-    def unsupported_reason(cls, moe):
-        if moe.quant_scheme not in cls.quant_schemes:
-            return f"runs {', '.join(cls.quant_schemes)} experts only"
-        return None
 
     def expert_weight(self, weights: ExpertWeights, which: str, e: int) -> torch.Tensor:
         """Expert e's dense w13 or w2 (quantized subclasses dequantize here)."""

@@ -24,7 +24,6 @@ class TritonGroupedExperts(FusedMoEExperts):
     folded in), w2 LoRA, sum over each token's k experts."""
     priority = 10
     supports_cuda_graphs = True
-    quant_schemes: tuple[str, ...] = ("unquantized",)
 
     @classmethod
     def supports_lora(cls) -> bool:
@@ -32,8 +31,9 @@ class TritonGroupedExperts(FusedMoEExperts):
 
     @classmethod
     def unsupported_reason(cls, moe):
-        if moe.quant_scheme not in cls.quant_schemes:
-            return f"runs {', '.join(cls.quant_schemes)} experts only"
+        reason = super().unsupported_reason(moe)
+        if reason is not None:
+            return reason
         if moe.device != "cuda":
             return "needs a CUDA device"
         if not has_triton():
