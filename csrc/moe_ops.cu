@@ -176,9 +176,10 @@ __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t num_toke
   }
   if (lane != 0) return;
   if (scoring == 2) {  // softmax over the chosen logits (the first is the largest)
+    const float largest = picked[0];
     float sum = 0.f;
     for (int j = 0; j < top_k; ++j) {
-      picked[j] = __expf(picked[j] - picked[0]);
+      picked[j] = __expf(picked[j] - largest);
       sum += picked[j];
     }
     for (int j = 0; j < top_k; ++j) picked[j] /= sum;

@@ -65,7 +65,12 @@ def library(kind: str) -> ctypes.CDLL | None:
     return lib
 
 
-def available(device: torch.device) -> bool:
+MAX_CUDA_EXPERTS = 1024  # one thread per expert in the CUDA alignment's block
+
+
+def available(device: torch.device, num_experts: int = 0) -> bool:
+    if device.type == "cuda" and num_experts > MAX_CUDA_EXPERTS:
+        return False
     return library("cuda" if device.type == "cuda" else "cpu") is not None
 
 

@@ -262,7 +262,16 @@ def test_lora_backend_conformance_cpu(cls, variant, punica, activation, slices):
                          ids=[f"{c.__name__}-{v}" for c in LORA_BACKENDS for v in variants(c)])
 @pytest.mark.parametrize("activation,slices", CASES, ids=CASE_IDS)
 def test_lora_backend_conformance_gpu(cls, variant, punica, activation, slices):
-    run(cls, PUNICA[punica], activation, slices, "cuda", torch.bfloat16, 2e-2, variant)
+    # bf16 keeps 8 mantissa bits, so a bf16 intermediate differs from the
+    # float32 reference's by ~2^-9; W8A8 then rounds it to FP8 (3 bits, steps
+    # of 2^-3), and ~2^-9 / 2^-3 = 1.6% of the elements land on the other side
+    # of a rounding boundary, each moving a full step: sqrt(0.016) * 2^-3 ~ 1.6%
+    # relative error on top of bf16's own ~0.5% (measured on the H100: 1.5-2.6%).
+    # Dropped or mis-scaled LoRA deltas still fail: rows must change exactly
+    # where an adapter is enabled, and there the deltas are as large as the output.
+    w8a8 = variant.startswith("fp8") and variant != "fp8-w8a16"
+    run(cls, PUNICA[punica], activation, slices, "cuda", torch.bfloat16, 5e-2 if w8a8 else 2e-2,
+        variant)
 
 
 def test_every_lora_backend_is_covered():

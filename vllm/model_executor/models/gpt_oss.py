@@ -21,7 +21,9 @@ class GptOssForCausalLM(MoEForCausalLM):
             num_experts=cfg.num_local_experts, top_k=cfg.num_experts_per_tok,
             intermediate_size=cfg.intermediate_size,
             router=RouterConfig(cfg.num_experts_per_tok, scoring="topk_softmax"),
-            activation=MoEActivation("swigluoai", interleaved=True, alpha=cfg.swiglu_alpha,
+            # transformers 5.17 has no config.swiglu_alpha (its model fixes 1.702)
+            activation=MoEActivation("swigluoai", interleaved=True,
+                                     alpha=getattr(cfg, "swiglu_alpha", 1.702),
                                      limit=cfg.swiglu_limit),
             expert_bias=True, router_bias=True)
         layers = [LayerSpec(moe=moe, sliding_window=layer_window(cfg, i))

@@ -74,19 +74,20 @@ def moe_lora_align_block_size_torch(topk_ids: torch.Tensor, token_lora_slot: tor
             torch.cat([r[2] for r in results]))
 
 
-def _implementation(device: torch.device) -> str:
-    """native, triton or torch, per ``VLLM_MOE_OPS_IMPL``. ``auto`` picks
-    Triton on CUDA (the measured default; see benchmarks/RESULTS.md) and the
-    native library on the CPU, else torch."""
+def _implementation(device: torch.device, num_experts: int) -> str:
+    """native, triton or torch, per ``VLLM_MOE_OPS_IMPL``. ``auto`` picks the
+    native library where it is built (on the H100 it beats Triton at every
+    decode size, on the CPU it beats torch; benchmarks/RESULTS.md), else
+    Triton on CUDA, else torch."""
     impl = envs.VLLM_MOE_OPS_IMPL
     if impl not in ("auto", "native", "triton", "torch"):
         raise ValueError(f"unknown VLLM_MOE_OPS_IMPL {impl!r}; choose from auto, native, "
                          "triton, torch")
+    from vllm import native
     if impl == "native":
-        from vllm import native
-        if not native.available(device):
+        if not native.available(device, num_experts):
             raise RuntimeError(f"VLLM_MOE_OPS_IMPL=native but the native ops are not built "
-                               f"for {device.type}")
+                               f"for {device.type} or cannot align {num_experts} experts")
         return "native"
     if impl == "triton":
         if not has_triton():
@@ -94,16 +95,15 @@ def _implementation(device: torch.device) -> str:
         return "triton"
     if impl == "torch":
         return "torch"
-    if device.type == "cuda" and has_triton():
-        return "triton"
-    from vllm import native
-    return "native" if native.available(device) else "torch"
+    if native.available(device, num_experts):
+        return "native"
+    return "triton" if device.type == "cuda" and has_triton() else "torch"
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_align_block_size_torch`` through the implementation chosen here."""
-    impl = _implementation(topk_ids.device)
+    impl = _implementation(topk_ids.device, num_experts)
     if impl == "native":
         from vllm import native
         return native.moe_align(topk_ids, block_size, num_experts)
@@ -118,7 +118,7 @@ def moe_lora_align_block_size(topk_ids: torch.Tensor, token_lora_slot: torch.Ten
                               block_size: int, num_experts: int, max_loras: int
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_lora_align_block_size_torch`` through the implementation chosen here."""
-    impl = _implementation(topk_ids.device)
+    impl = _implementation(topk_ids.device, num_experts)
     if impl == "native":
         from vllm import native
         return native.moe_align(topk_ids, block_size, num_experts, token_lora_slot, max_loras)
