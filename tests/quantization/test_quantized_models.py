@@ -66,16 +66,10 @@ def root(tmp_path_factory):
     return tmp_path_factory.getbasetemp()
 
 
-def reference_logits(model, prompt_ids, out, device="cpu"):
-    """The model's logits at each step where ``out`` chose a token."""
+def check(reference, prompt_ids, out, logprob_tol, tie_tol):
     ids = prompt_ids + list(out.token_ids)
     with torch.no_grad():
-        logits = model(torch.tensor([ids], device=device)).logits[0].float().cpu()
-    return logits[len(prompt_ids) - 1:-1]
-
-
-def check(reference, prompt_ids, out, logprob_tol, tie_tol):
-    logits = reference_logits(reference, prompt_ids, out)
+        logits = reference(torch.tensor([ids])).logits[0].float()[len(prompt_ids) - 1:-1]
     ref = torch.log_softmax(logits, dim=-1)
     worst = 0.0
     for step, (row, token) in enumerate(zip(logits, out.token_ids)):
@@ -88,8 +82,7 @@ def check(reference, prompt_ids, out, logprob_tol, tie_tol):
 
 
 def prepare(root, scheme, arch):
-    """(quantized checkpoint, adapters, references by adapter id, the same
-    references without activation rounding, W8A8?)."""
+    """(quantized checkpoint, adapters, references by adapter id, W8A8?)."""
     if scheme == "mxfp4":
         tool_scheme, kwargs, act = "mxfp4", {}, None
     else:
@@ -114,18 +107,16 @@ def prepare(root, scheme, arch):
 
     base = hf_model(deq)
     refs = {0: base, **{i: merged_hf_model(deq, a) for i, a in adapters.items()}}
-    plain = {i: m if act is None else copy.deepcopy(m) for i, m in refs.items()}
     if act is not None:
         kind, group = act
         static = input_scales(qdir) if kind == "static" else None
         refs[0] = copy.deepcopy(base)   # patched below; the cached base stays as is
         for m in refs.values():
             patch_w8a8(m, base, kind, group, static)
-    return qdir, adapters, refs, plain, act is not None
+    return qdir, adapters, refs, act is not None
 
 
-def run_engine(llm, adapters, refs, logprob_tol, tie_tol, extra_tol=None):
-    """``extra_tol(adapter id, prompt ids, output)``: tolerance added per output."""
+def run_engine(llm, adapters, refs, logprob_tol, tie_tol):
     prompts = PROMPTS[:3]
     tok = llm.get_tokenizer()
     requests = [None] + [LoRARequest(f"a{i}", i, adapters[i]) for i in (1, 2)]
@@ -133,9 +124,8 @@ def run_engine(llm, adapters, refs, logprob_tol, tie_tol, extra_tol=None):
     outs = llm.generate([p for p, _ in batch], GREEDY, lora_request=[r for _, r in batch],
                         use_tqdm=False)
     for (prompt, req), out in zip(batch, outs):
-        i, ids = 0 if req is None else req.lora_int_id, tok.encode(prompt)
-        extra = 0.0 if extra_tol is None else extra_tol(i, ids, out.outputs[0])
-        check(refs[i], ids, out.outputs[0], logprob_tol + extra, tie_tol)
+        check(refs[0 if req is None else req.lora_int_id], tok.encode(prompt), out.outputs[0],
+              logprob_tol, tie_tol)
     # adapters change the outputs (LoRA is not silently dropped)
     by = {(p, None if r is None else r.lora_int_id): o.outputs[0].logprobs
           for (p, r), o in zip(batch, outs)}
@@ -146,7 +136,7 @@ def run_engine(llm, adapters, refs, logprob_tol, tie_tol, extra_tol=None):
 
 @pytest.mark.parametrize("scheme,arch", CASES, ids=[f"{s}-{a}" for s, a in CASES])
 def test_quantized_model_with_lora(root, scheme, arch):
-    qdir, adapters, refs, _, w8a8 = prepare(root, scheme, arch)
+    qdir, adapters, refs, w8a8 = prepare(root, scheme, arch)
     tol = (3e-2, 3e-2) if w8a8 else (1e-3, 1e-4)
     llm = LLM(qdir, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=16)
     run_engine(llm, adapters, refs, *tol)
@@ -161,26 +151,17 @@ GPU_CASES = [("fp8-block", "qwen3_moe"), ("fp8-ct-channel-dynamic", "glm4_moe"),
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme,arch", GPU_CASES, ids=[f"{s}-{a}" for s, a in GPU_CASES])
 def test_quantized_model_with_lora_gpu(root, scheme, arch):
-    """The Triton experts (FP8 W8A8 / weight-only) in bfloat16 with CUDA
-    graphs, against the same float32 references. bf16 moves logprobs of
-    these tiny random models by up to ~0.2 (transformers itself, in bf16
-    on the GPU), so each output may differ from the reference by the float32
-    bound plus twice transformers' own bf16 error on the same tokens; greedy
-    ties within 0.1."""
-    qdir, adapters, refs, plain, w8a8 = prepare(root, scheme, arch)
-    plain16 = {i: copy.deepcopy(m).to("cuda", torch.bfloat16) for i, m in plain.items()}
-
-    def bf16_error(i, prompt_ids, out):
-        ref = torch.log_softmax(reference_logits(plain[i], prompt_ids, out), -1)
-        ref16 = torch.log_softmax(reference_logits(plain16[i], prompt_ids, out, "cuda"), -1)
-        return max(abs(ref16[step, tid] - ref[step, tid]).item()
-                   for step, lps in enumerate(out.logprobs) for tid in lps)
-
+    """The GPU path (Triton FP8 W8A8 / weight-only experts, Triton
+    attention and LoRA kernels, CUDA graphs) in float32 against the same
+    references, with the float32 bounds above. bf16 kernels are checked
+    against their references in the conformance test; at the model level
+    bf16 flips near-tied expert choices of these tiny random models, which
+    says nothing about the kernels."""
+    qdir, adapters, refs, w8a8 = prepare(root, scheme, arch)
     llm = LLM(qdir, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=16,
-              device="cuda", dtype="bfloat16")
+              device="cuda", dtype="float32")
     model = llm.llm_engine.runner.model
     backends = {type(m.quant_method.kernel.experts).__name__ for m in model.modules()
                 if hasattr(m, "quant_method") and hasattr(m.quant_method, "kernel")}
     assert backends <= {"TritonFp8Experts", "TritonWeightOnlyExperts"}, backends
-    run_engine(llm, adapters, refs, 3e-2 if w8a8 else 1e-3, 0.1,
-               lambda i, ids, out: 2 * bf16_error(i, ids, out))
+    run_engine(llm, adapters, refs, *((3e-2, 3e-2) if w8a8 else (1e-3, 1e-4)))
