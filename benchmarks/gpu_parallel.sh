@@ -7,11 +7,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 nvidia-smi -L
-timeout 300 python3 -m pytest -v -p no:cacheprovider --timeout 120 tests/distributed \
+timeout 320 python3 -m pytest -v -p no:cacheprovider --timeout 120 tests/distributed \
   -k "not four_ranks and not ray" 2>&1 | tee "$OUT/pytest_parallel.log" \
   | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed"
 for mode in "" "--enable-expert-parallel"; do
-  timeout 150 python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b \
+  timeout 110 python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b \
     --num-layers 4 --batch-size 64 --input-len 128 --output-len 128 -tp 2 $mode 2>&1 \
     | tee -a "$OUT/throughput_parallel.log" | grep -A2 "^system"
 done

@@ -118,10 +118,11 @@ def test_engine_errors(root):
         LLM(wrong)
 
 
-def _moe(scheme, device="cpu"):
+def _moe(scheme, device="cpu", group=0):
     return FusedMoEConfig(num_experts=4, num_local_experts=4, top_k=2, hidden_size=64,
                           intermediate_size=32, activation=MoEActivation(), has_bias=False,
-                          dtype=torch.float32, device=device, quant_scheme=scheme)
+                          dtype=torch.float32, device=device, quant_scheme=scheme,
+                          quant_group_size=group)
 
 
 def test_backend_oracle_per_scheme():
@@ -148,6 +149,13 @@ def test_backend_oracle_per_scheme():
         select_experts_backend(_moe("fp8"), candidates, "fast_no_lora", True)
     assert select_experts_backend(_moe("fp8"), candidates, "auto", True).name == "torch"
     assert select_experts_backend(_moe("fp8"), candidates, "auto", False) is NoLoRAFp8
+    # the Triton weight-only kernel tiles K by whole groups: other group sizes
+    # go to the torch experts
+    from vllm.model_executor.layers.fused_moe.experts.triton_weight_only import (
+        TritonWeightOnlyExperts)
+    assert "power-of-two" in TritonWeightOnlyExperts.unsupported_reason(_moe("int4", "cuda", 24))
+    assert TritonWeightOnlyExperts.unsupported_reason(_moe("int4", "cuda", 128)) in (
+        None, "triton is not installed")
     # every quantized experts class can run LoRA
     for cls in fp8_backends() + weight_only_backends():
         assert cls.supports_lora()

@@ -78,9 +78,9 @@ def test_w8a8_gemm_gpu(kind, gather):
     _run_w8a8("cuda", True, kind, gather, torch.bfloat16, 1e-2)
 
 
-def _weight_only_case(fmt, gather, device, dtype, T=9, k=2, E=4, N=48, K=64, seed=0):
+def _weight_only_case(fmt, gather, device, dtype, T=9, k=2, E=4, N=48, K=64, seed=0, group=None):
     g = torch.Generator().manual_seed(seed)
-    group = {"int4": 32, "nvfp4": 16, "mxfp4": 32}[fmt]
+    group = group or {"int4": 32, "nvfp4": 16, "mxfp4": 32}[fmt]
     rows = T if gather else T * k
     x = torch.randn(rows, K, generator=g).to(dtype)
     packed = torch.randint(0, 256, (E, N, K // 2), generator=g, dtype=torch.uint8)
@@ -104,8 +104,8 @@ def _weight_only_case(fmt, gather, device, dtype, T=9, k=2, E=4, N=48, K=64, see
         topk_weights=None if gather else to(topk)), T * k, N
 
 
-def _run_weight_only(device, fmt, gather, dtype, tol):
-    args, kw, M, N = _weight_only_case(fmt, gather, device, dtype)
+def _run_weight_only(device, fmt, gather, dtype, tol, **case):
+    args, kw, M, N = _weight_only_case(fmt, gather, device, dtype, **case)
     c = torch.full((M, N), float("nan"), device=device, dtype=dtype)
     ref = torch.full_like(c, float("nan"))
     invoke_fused_moe_weight_only_gemm(*args, c, **kw)
@@ -123,11 +123,29 @@ def test_weight_only_gemm_interpreter(fmt, gather):
     _run_weight_only("cpu", fmt, gather, torch.float32, 1e-5)
 
 
+# K tiles spanning several groups, exactly one, or a part of one; K not a
+# multiple of the tile
+@pytest.mark.parametrize("group,K", [(16, 96), (128, 256), (64, 192)])
+def test_weight_only_gemm_group_tiling_interpreter(group, K):
+    _run_weight_only("cpu", "int4", True, torch.float32, 1e-5, group=group, K=K)
+
+
+def test_weight_only_kernel_rejects_odd_groups():
+    with pytest.raises(ValueError, match="power-of-two group size"):
+        _run_weight_only("cpu", "int4", True, torch.float32, 1e-5, group=24, K=48)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4", "mxfp4"])
 @pytest.mark.parametrize("gather", [True, False])
 def test_weight_only_gemm_gpu(fmt, gather):
     _run_weight_only("cuda", fmt, gather, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group,K", [(16, 96), (128, 256), (64, 192)])
+def test_weight_only_gemm_group_tiling_gpu(group, K):
+    _run_weight_only("cuda", "int4", True, torch.bfloat16, 2e-2, group=group, K=K)
 
 
 def test_kernel_input_errors():

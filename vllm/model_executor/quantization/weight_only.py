@@ -136,6 +136,7 @@ class WeightOnlyMoEMethod(FusedMoEMethodBase):
     def __init__(self, scheme: PackedScheme):
         self.packed = scheme
         self.scheme = scheme.format
+        self.group_size = scheme.group_size
 
     def create_weights(self, layer):
         cfg = layer.moe_config

@@ -35,3 +35,4 @@ class FusedMoEConfig:
     ep_rank: int = 0
     ep_size: int = 1
     quant_scheme: str = "unquantized"
+    quant_group_size: int = 0     # grouped weight quantization along K (0: none)

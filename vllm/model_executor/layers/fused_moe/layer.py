@@ -84,7 +84,7 @@ class FusedMoE(nn.Module):
             hidden_size=hidden_size, intermediate_size=intermediate_size // p.moe_tp_size,
             activation=activation, has_bias=has_bias, dtype=params_dtype, device=device,
             tp_rank=p.moe_tp_rank, tp_size=p.moe_tp_size, ep_rank=p.ep_rank, ep_size=p.ep_size,
-            quant_scheme=self.quant_method.scheme)
+            quant_scheme=self.quant_method.scheme, quant_group_size=self.quant_method.group_size)
         self.quant_method.create_weights(self)
         if has_correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts),

@@ -26,6 +26,7 @@ class FusedMoEMethodBase(ABC):
     support, so steps whose adapters leave the layer alone pay nothing for
     ``--enable-lora``."""
     scheme: str = ""
+    group_size: int = 0     # weights quantized in groups along K (0: not grouped)
     kernel: FusedMoEKernel
     base_kernel: FusedMoEKernel
 

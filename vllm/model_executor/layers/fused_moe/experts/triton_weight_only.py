@@ -11,6 +11,15 @@ class TritonWeightOnlyExperts(TritonGroupedExperts):
     name = "triton"
     quant_schemes = ("int4", "nvfp4", "mxfp4")
 
+    @classmethod
+    def unsupported_reason(cls, moe):
+        from vllm.model_executor.layers.fused_moe.kernels.fused_moe_weight_only import (
+            kernel_supports_group)
+        reason = super().unsupported_reason(moe)
+        if reason is None and not kernel_supports_group(moe.quant_group_size):
+            reason = f"needs power-of-two groups >= 16, not {moe.quant_group_size}"
+        return reason
+
     def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None):
         from vllm.model_executor.layers.fused_moe.kernels.fused_moe_weight_only import (
             invoke_fused_moe_weight_only_gemm)

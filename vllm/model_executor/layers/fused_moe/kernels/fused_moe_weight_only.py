@@ -65,35 +65,55 @@ def _fused_moe_weight_only_kernel(
         WEIGHT_FORMAT: tl.constexpr, GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_CHANNEL_SCALE: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
-        BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+        BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, SCALE_ROWS: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
         sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
         GROUP_SIZE_M)
     if not active:
         return
+    # Each packed byte holds weights k = 2j (low nibble) and 2j + 1 (high):
+    # the K loop reads BLOCK_K / 2 contiguous bytes per column and splits
+    # the activation tile into its even and odd columns to match, so nothing
+    # is interleaved in registers and the loads stay vectorised.
+    HALF_K: tl.constexpr = BLOCK_SIZE_K // 2
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-
+    offs_j = tl.arange(0, HALF_K)
+    offs_g = tl.arange(0, SCALE_ROWS)
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_base = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_j[:, None] * stride_bk
     s_base = s_ptr + expert * stride_se + offs_n[None, :] * stride_sn
+    num_groups = tl.cdiv(K, group_size)
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        k = kb * BLOCK_SIZE_K + offs_k
-        k_mask = k < K
+        k_mask = kb * BLOCK_SIZE_K + offs_k < K
         a = tl.load(a_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
-        mask = k_mask[:, None] & n_mask[None, :]
-        byte = tl.load(b_base + (k // 2)[:, None] * stride_bk, mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((k % 2) * 4)[:, None]) & 15
-        scale = tl.load(s_base + (k // group_size)[:, None] * stride_sk, mask=mask, other=0)
+        a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_SIZE_M, HALF_K, 2)))
+        j_mask = kb * HALF_K + offs_j < K // 2
+        byte = tl.load(b_ptrs, mask=j_mask[:, None] & n_mask[None, :], other=0).to(tl.int32)
+        # the tile spans SCALE_ROWS whole groups, or lies inside one
+        g = (kb * BLOCK_SIZE_K) // group_size + offs_g
+        scale = tl.load(s_base + g[:, None] * stride_sk,
+                        mask=(g < num_groups)[:, None] & n_mask[None, :], other=0)
         if WEIGHT_FORMAT == 0:
-            w = (code - 8).to(tl.float32) * scale.to(tl.float32)
+            lo = ((byte & 15) - 8).to(tl.float32)
+            hi = ((byte >> 4) - 8).to(tl.float32)
+            scale = scale.to(tl.float32)
         elif WEIGHT_FORMAT == 1:
-            w = _e2m1_to_f32(code) * _e4m3_to_f32(scale)
+            lo, hi = _e2m1_to_f32(byte & 15), _e2m1_to_f32(byte >> 4)
+            scale = _e4m3_to_f32(scale)
         else:
-            w = _e2m1_to_f32(code) * _e8m0_to_f32(scale)
-        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+            lo, hi = _e2m1_to_f32(byte & 15), _e2m1_to_f32(byte >> 4)
+            scale = _e8m0_to_f32(scale)
+        scale = scale[:, None, :]
+        lo = tl.reshape(tl.reshape(lo, (SCALE_ROWS, HALF_K // SCALE_ROWS, BLOCK_SIZE_N)) * scale,
+                        (HALF_K, BLOCK_SIZE_N))
+        hi = tl.reshape(tl.reshape(hi, (SCALE_ROWS, HALF_K // SCALE_ROWS, BLOCK_SIZE_N)) * scale,
+                        (HALF_K, BLOCK_SIZE_N))
+        acc = tl.dot(a_even, lo.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a_odd, hi.to(a.dtype), acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += HALF_K * stride_bk
 
     if HAS_CHANNEL_SCALE:
         cs = tl.load(cs_ptr + expert * stride_cse + offs_n * stride_csn, mask=n_mask, other=0.0)
@@ -111,6 +131,20 @@ def _check(a, b, scale, c, group_size):
     if scale.shape != (E, N, -(-K // group_size)):
         raise ValueError(f"group scales {tuple(scale.shape)} do not fit {(E, N, K)} in groups "
                          f"of {group_size}")
+
+
+def kernel_supports_group(group_size: int) -> bool:
+    """The kernel's K tiles hold whole groups or lie inside one: group sizes
+    are powers of two from 16 (every format on disk uses 16, 32 or 128)."""
+    return group_size >= 16 and group_size & (group_size - 1) == 0
+
+
+def _block_k(config_block_k: int, group_size: int) -> int:
+    if not kernel_supports_group(group_size):
+        raise ValueError(f"the Triton weight-only kernel needs a power-of-two group size "
+                         f">= 16, not {group_size}")
+    # >= 32 so each half (even / odd weights) is a legal tl.dot depth
+    return max(32, config_block_k)
 
 
 def invoke_fused_moe_weight_only_gemm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
@@ -135,6 +169,7 @@ def invoke_fused_moe_weight_only_gemm(a: torch.Tensor, b: torch.Tensor, scale: t
     cs_strides = (channel_scale.stride(0), channel_scale.stride(1)) \
         if channel_scale is not None else (0, 0)
     weights = topk_weights.reshape(-1) if topk_weights is not None else None
+    block_k = _block_k(config["BLOCK_SIZE_K"], group_size)
     grid = (triton.cdiv(sorted_pair_ids.numel(), block_m) * triton.cdiv(N, config["BLOCK_SIZE_N"]),)
     _fused_moe_weight_only_kernel[grid](
         a, b, scale, channel_scale, c, bias, weights, sorted_pair_ids, expert_ids,
@@ -148,7 +183,8 @@ def invoke_fused_moe_weight_only_gemm(a: torch.Tensor, b: torch.Tensor, scale: t
         MUL_ROUTED_WEIGHT=topk_weights is not None,
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=config["BLOCK_SIZE_N"],
-        BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config["GROUP_SIZE_M"],
+        BLOCK_SIZE_K=block_k, GROUP_SIZE_M=config["GROUP_SIZE_M"],
+        SCALE_ROWS=max(block_k // group_size, 1),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
