@@ -193,12 +193,22 @@ __global__ void topk_route_kernel(const T* __restrict__ logits, int64_t num_toke
 
 }  // namespace
 
+// The CUDA runtime linked into this library keeps its own current device,
+// apart from torch's (device 0 unless set here): select the tensors' device
+// before launching, or a rank on cuda:1 would launch onto cuda:0.
+static bool use_device(int32_t device) {
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess) return false;
+  return current == device || cudaSetDevice(device) == cudaSuccess;
+}
+
 extern "C" int vllm_moe_align_cuda(const int32_t* ids, int64_t num_pairs, int32_t top_k,
                                    const int32_t* token_slot, int32_t num_slots,
                                    int32_t num_experts, int32_t block_size, int32_t* sorted_ids,
                                    int64_t sorted_len, int32_t* expert_ids, int64_t num_blocks,
-                                   int32_t* total, void* stream) {
+                                   int32_t* total, int32_t device, void* stream) {
   if (num_experts <= 0 || num_experts > kThreads || block_size <= 0 || top_k <= 0) return 1;
+  if (!use_device(device)) return 5;
   const size_t smem = sizeof(int32_t) * (kWarps + 1) * num_experts;
   if (smem > 48 * 1024) {
     if (cudaFuncSetAttribute(moe_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -216,8 +226,9 @@ extern "C" int vllm_moe_align_cuda(const int32_t* ids, int64_t num_pairs, int32_
 extern "C" int vllm_topk_route_cuda(const void* logits, int32_t dtype, int64_t num_tokens,
                                     int32_t num_experts, int32_t top_k, int32_t scoring,
                                     int32_t renormalize, float scale, float* weights,
-                                    int32_t* ids, void* stream) {
+                                    int32_t* ids, int32_t device, void* stream) {
   if (num_experts > 32 * kMaxPerLane || top_k > 32 || top_k > num_experts) return 1;
+  if (!use_device(device)) return 5;
   if (num_tokens == 0) return 0;
   const int warps_per_block = 4;
   const dim3 grid(static_cast<unsigned>((num_tokens + warps_per_block - 1) / warps_per_block));

@@ -59,9 +59,9 @@ def library(kind: str) -> ctypes.CDLL | None:
                                            _I64, _P]
     else:
         lib.vllm_moe_align_cuda.argtypes = [_P, _I64, _I32, _P, _I32, _I32, _I32, _P, _I64, _P,
-                                            _I64, _P, _P]
+                                            _I64, _P, _I32, _P]
         lib.vllm_topk_route_cuda.argtypes = [_P, _I32, _I64, _I32, _I32, _I32, _I32, _F32, _P,
-                                             _P, _P]
+                                             _P, _I32, _P]
     return lib
 
 
@@ -102,7 +102,7 @@ def moe_align(topk_ids: torch.Tensor, block_size: int, num_experts: int,
         _check(lib.vllm_moe_align_cuda(ids.data_ptr(), T * k, k, slot_ptr, L, num_experts,
                                        block_size, sorted_ids.data_ptr(), P,
                                        expert_ids.data_ptr(), P // block_size, total.data_ptr(),
-                                       stream), "moe_align")
+                                       device.index, stream), "moe_align")
     else:
         for s in range(L):
             _check(lib.vllm_moe_align_cpu(ids.data_ptr(), T * k, k, slot_ptr, s, num_experts,
@@ -133,5 +133,6 @@ def topk_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormaliz
     stream = torch.cuda.current_stream(logits.device).cuda_stream
     _check(lib.vllm_topk_route_cuda(logits.data_ptr(), _DTYPES[logits.dtype], T, E, top_k,
                                     _SCORING[scoring], int(renormalize), scale,
-                                    weights.data_ptr(), ids.data_ptr(), stream), "topk_route")
+                                    weights.data_ptr(), ids.data_ptr(), logits.device.index,
+                                    stream), "topk_route")
     return weights, ids

@@ -97,3 +97,20 @@ def test_cuda_native_ops_capture_in_a_graph():
     assert_bitwise(aligned, moe_align_block_size_torch(ids, 16, 32))
     assert torch.equal(routed[1].sort(1).values,
                        select_experts(logits, RouterConfig(4))[1].sort(1).values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_ops_on_second_device():
+    """Each rank of a parallel engine owns one GPU: the ops must launch on
+    the tensors' device, whichever device the library last used."""
+    g = torch.Generator().manual_seed(1)
+    for device in ("cuda:1", "cuda:0", "cuda:1"):
+        ids = random_ids(64, 8, 128, g).to(device)
+        slots = torch.randint(-1, 4, (64,), generator=g).to(device)
+        assert_bitwise(native.moe_align(ids, 16, 128, slots, 4),
+                       moe_lora_align_block_size_torch(ids, slots, 16, 128, 4))
+        logits = torch.randn(64, 128, generator=g).to(device)
+        w, i = native.topk_route(logits, 8, "softmax", True, 1.0)
+        assert i.device == logits.device
+        assert torch.equal(i.sort(1).values, select_experts(logits, RouterConfig(8))[1].sort(1).values)
