@@ -27,9 +27,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": _bool("VLLM_ALLOW_RUNTIME_LORA_UPDATING", False),
     # API key for the OpenAI server when --api-key is not given.
     "VLLM_API_KEY": _str("VLLM_API_KEY", None),
-    # Implementation of the small MoE bookkeeping ops (pair alignment; with
-    # "native", routing too): "auto" (the native library where it is built,
-    # else Triton on CUDA, else torch), "native", "triton" or "torch".
+    # Implementation of the small MoE bookkeeping ops (pair alignment; on
+    # CUDA with "auto" or "native", routing too): "auto" (the native library
+    # where it is built, else Triton on CUDA, else torch), "native", "triton"
+    # or "torch".
     "VLLM_MOE_OPS_IMPL": _str("VLLM_MOE_OPS_IMPL", "auto"),
     # Directory holding tuned Triton kernel configurations (overrides the
     # ones shipped in the package).

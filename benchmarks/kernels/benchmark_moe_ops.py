@@ -24,7 +24,8 @@ from benchmarks.kernels.benchmark_moe_lora import Case, build  # noqa: E402
 from benchmarks.kernels.timing import time_fn  # noqa: E402
 from vllm import native  # noqa: E402
 from vllm.model_executor.layers.fused_moe import moe_align  # noqa: E402
-from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_experts  # noqa: E402
+from vllm.model_executor.layers.fused_moe.router import (  # noqa: E402
+    RouterConfig, select_experts_torch)
 
 E, K, SLOTS, BLOCK = 128, 8, 4, 16
 
@@ -54,7 +55,7 @@ def ops(impl: str, logits, ids, slots):
                 "align": lambda: moe_align_block_size_triton(ids, BLOCK, E),
                 "lora align": lambda: moe_lora_align_block_size_triton(ids, slots, BLOCK, E,
                                                                        SLOTS)}
-    return {"routing": lambda: select_experts(logits, cfg),
+    return {"routing": lambda: select_experts_torch(logits, cfg),
             "align": lambda: moe_align.moe_align_block_size_torch(ids, BLOCK, E),
             "lora align": lambda: moe_align.moe_lora_align_block_size_torch(ids, slots, BLOCK,
                                                                            E, SLOTS)}
@@ -96,7 +97,7 @@ def main() -> None:
     for T in args.tokens:
         g = torch.Generator().manual_seed(T)
         logits = torch.randn(T, E, generator=g).to(device)
-        ids = select_experts(logits, RouterConfig(K))[1]
+        ids = select_experts_torch(logits, RouterConfig(K))[1]
         slots = torch.randint(-1, SLOTS, (T,), generator=g).to(device)
         for impl in impls:
             fns = ops(impl, logits, ids, slots)

@@ -29,13 +29,23 @@ def select_experts(router_logits: torch.Tensor, cfg: RouterConfig,
     The correction bias (DeepSeek-V3 / GLM-4.5) only steers which experts are
     chosen; the weights come from the unbiased scores.
     """
-    if envs.VLLM_MOE_OPS_IMPL == "native" and correction_bias is None \
-            and cfg.num_expert_groups == 1:
+    # one native launch (12 µs on the H100 against torch's 21-29 µs at 1-128
+    # tokens) where the library is built and covers the scoring
+    if envs.VLLM_MOE_OPS_IMPL in ("auto", "native") and router_logits.is_cuda \
+            and correction_bias is None and cfg.num_expert_groups == 1:
         from vllm import native
         routed = native.topk_route(router_logits, cfg.top_k, cfg.scoring, cfg.renormalize,
                                    cfg.routed_scaling_factor)
         if routed is not None:
             return routed
+    return select_experts_torch(router_logits, cfg, correction_bias)
+
+
+def select_experts_torch(router_logits: torch.Tensor, cfg: RouterConfig,
+                         correction_bias: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_experts`` in torch ops: every scoring, grouping and bias (and
+    the reference of the native routing)."""
     logits = router_logits.float()
     if cfg.scoring == "topk_softmax":
         top = logits.topk(cfg.top_k, dim=-1)
