@@ -7,7 +7,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 nvidia-smi -L
-timeout 320 python3 -m pytest -v -p no:cacheprovider --timeout 120 tests/distributed \
+timeout 90 python3 -m vllm.native_build 2>&1 | tail -1  # once, before the ranks start
+timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_native_ops.py \
+  -k second_device 2>&1 | tail -2
+timeout 320 python3 -m pytest -v -p no:cacheprovider --timeout 120 --timeout-method=thread tests/distributed \
   -k "not four_ranks and not ray" 2>&1 | tee "$OUT/pytest_parallel.log" \
   | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed"
 for mode in "" "--enable-expert-parallel"; do

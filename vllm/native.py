@@ -11,6 +11,7 @@ run on torch's current stream, so CUDA graphs capture them.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import os
 
@@ -37,12 +38,17 @@ def _library_dir() -> str | None:
         return _PKG_DIR  # installed libraries, current with the sources (if any)
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                          "vllm", "native", digest)
-    if not os.path.isfile(os.path.join(cache, "_vllm_native_cpu.so")):
-        try:
-            build_native(cache, os.path.join(cache, "build"))
-        except Exception as e:  # no compiler, no cmake: fall back quietly
-            logger.info("native MoE ops unavailable (%s); using Triton/torch", e)
-            return None
+    os.makedirs(cache, exist_ok=True)
+    # the ranks of a parallel engine start together: one builds, the others
+    # wait for it (the stamp is written last, once every library is in place)
+    with open(os.path.join(cache, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(cache, STAMP)):
+            try:
+                build_native(cache, os.path.join(cache, "build"))
+            except Exception as e:  # no compiler, no cmake: fall back quietly
+                logger.info("native MoE ops unavailable (%s); using Triton/torch", e)
+                return None
     return cache
 
 

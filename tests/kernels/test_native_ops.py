@@ -1,5 +1,9 @@
 """Native ops (csrc/) against the torch references: alignment bit for bit,
 routing ids exactly and weights to rounding."""
+import multiprocessing
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -115,3 +119,28 @@ def test_cuda_ops_on_second_device():
         assert i.device == logits.device
         ref = select_experts_torch(logits, RouterConfig(8))[1]
         assert torch.equal(i.sort(1).values, ref.sort(1).values)
+
+
+def _library_dir_in_fresh_process(cache_home, queue):
+    os.environ["XDG_CACHE_HOME"] = cache_home
+    from vllm import native
+    queue.put(native._library_dir())
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_ranks_building_at_once_share_one_build(tmp_path):
+    """The ranks of a parallel engine reach their first MoE step together:
+    with no built library, one builds and the others wait for it."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_library_dir_in_fresh_process, args=(str(tmp_path), queue))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    dirs = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    if dirs[0] == os.path.dirname(native.__file__):
+        pytest.skip("the package's own libraries are current: nothing to build")
+    assert len(set(dirs)) == 1 and dirs[0] is not None, dirs
+    assert os.path.isfile(os.path.join(dirs[0], "_vllm_native_cpu.so"))
