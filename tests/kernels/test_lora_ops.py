@@ -70,11 +70,13 @@ def assert_untouched(got: torch.Tensor, before: torch.Tensor, rows: torch.Tensor
 
 def check_shrink_out(got: torch.Tensor, want: torch.Tensor, written: torch.Tensor,
                      dtype: torch.dtype) -> None:
-    assert not got[:, written].isnan().any()
-    untouched = torch.ones(got.shape[1], dtype=torch.bool, device=got.device)
+    """``got``: [S, rows, R], or [SPLIT_K, S, rows, R] parts adding up to it."""
+    parts = got if got.dim() == 4 else got.unsqueeze(0)
+    assert not parts[:, :, written].isnan().any()
+    untouched = torch.ones(parts.shape[2], dtype=torch.bool, device=got.device)
     untouched[written] = False
-    assert got[:, untouched].isnan().all()
-    torch.testing.assert_close(got, want, equal_nan=True, **TOL[dtype])
+    assert parts[:, :, untouched].isnan().all()
+    torch.testing.assert_close(parts.sum(0), want, equal_nan=True, **TOL[dtype])
 
 
 # T, max_loras, rank, N per slice, K
@@ -101,21 +103,25 @@ def test_lora_shrink_expand(dtype, case):
 
     want = torch.full((S, T, R), NAN, device=DEVICE)
     torch_ops.lora_shrink(x, lora_a, mapping, want)
-    # the default config, and K split over 3 programs with a ragged last split
+    # the default config with one part, and K split over 3 programs with a
+    # ragged last split into 3 parts
     split = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_K=16, SPLIT_K=3, num_warps=4, num_stages=2)
-    for config in (None, split):
-        got = torch.full_like(want, NAN)
-        lora_ops.lora_shrink(x, lora_a, mapping, got, config=config)
+    outs = []
+    for config, parts in ((None, 1), (split, 3)):
+        got = torch.full((parts, S, T, R), NAN, device=DEVICE)
+        lora_ops.lora_shrink(x, lora_a, mapping, got if parts > 1 else got[0], config=config)
         check_shrink_out(got, want, written, dtype)
+        outs.append(got)
 
     offsets, width = slice_layout(Ns)
-    y = strided_y(T, width, dtype, gen)
-    before = y.clone()
-    y_want = y.clone()
+    y0 = strided_y(T, width, dtype, gen)
+    y_want = y0.clone()
     torch_ops.lora_expand(want, lora_b, mapping, y_want, offsets)
-    lora_ops.lora_expand(want, lora_b, mapping, y, offsets)
-    torch.testing.assert_close(y, y_want, **TOL[dtype])
-    assert_untouched(y, before, written, offsets, Ns)
+    for inter in (want, *outs):  # expand adds up the parts
+        y = y0.clone()
+        lora_ops.lora_expand(inter, lora_b, mapping, y, offsets)
+        torch.testing.assert_close(y, y_want, **TOL[dtype])
+        assert_untouched(y, y0, written, offsets, Ns)
 
 
 def test_lora_ops_without_adapters_touch_nothing():
@@ -185,21 +191,24 @@ def test_fused_moe_lora_shrink_expand(dtype, case, gather_rows, with_weights):
     want = torch.full((S, P, R), NAN, device=DEVICE)
     torch_ops.fused_moe_lora_shrink(x, lora_a, groups, k, gather_rows, want)
     split = dict(BLOCK_SIZE_K=16, SPLIT_K=2, num_warps=4, num_stages=2)
-    for config in (None, split):
-        got = torch.full_like(want, NAN)
-        moe_lora.fused_moe_lora_shrink(x, lora_a, *align, k, gather_rows, got, block,
-                                       config=config)
+    outs = []
+    for config, parts in ((None, 1), (split, 2)):
+        got = torch.full((parts, S, P, R), NAN, device=DEVICE)
+        moe_lora.fused_moe_lora_shrink(x, lora_a, *align, k, gather_rows,
+                                       got if parts > 1 else got[0], block, config=config)
         check_shrink_out(got, want, written, dtype)
+        outs.append(got)
 
     offsets, width = slice_layout(Ns)
     weights = topk_weights if with_weights else None
-    y = strided_y(P, width, dtype, gen)
-    before = y.clone()
-    y_want = y.clone()
+    y0 = strided_y(P, width, dtype, gen)
+    y_want = y0.clone()
     torch_ops.fused_moe_lora_expand(want, lora_b, groups, y_want, offsets, weights)
-    moe_lora.fused_moe_lora_expand(want, lora_b, *align, y, offsets, topk_weights=weights)
-    torch.testing.assert_close(y, y_want, **TOL[dtype])
-    assert_untouched(y, before, written, offsets, Ns)
+    for inter in (want, *outs):  # expand adds up the parts
+        y = y0.clone()
+        moe_lora.fused_moe_lora_expand(inter, lora_b, *align, y, offsets, topk_weights=weights)
+        torch.testing.assert_close(y, y_want, **TOL[dtype])
+        assert_untouched(y, y0, written, offsets, Ns)
 
 
 def test_moe_lora_block_size():
@@ -228,6 +237,12 @@ def test_argument_checks():
     ragged = [torch.randn(L, R, K, device=DEVICE), torch.randn(L, K, R, device=DEVICE).mT]
     with pytest.raises(ValueError, match="inner strides"):
         lora_ops.lora_shrink(x, ragged, mapping, torch.empty(2, T, R, device=DEVICE))
+    with pytest.raises(ValueError, match="SPLIT_K 2 but the shrink output has 1 parts"):
+        lora_ops.lora_shrink(x, [ragged[0]], mapping, torch.empty(1, T, R, device=DEVICE),
+                             config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_K=16, SPLIT_K=2,
+                                         num_warps=4, num_stages=2))
+    with pytest.raises(ValueError, match="float32"):
+        lora_ops.lora_shrink(x, [ragged[0]], mapping, torch.empty(1, T, R + 1, device=DEVICE))
     b = [torch.randn(L, 24, R, device=DEVICE)]
     with pytest.raises(ValueError, match="outside"):
         lora_ops.lora_expand(torch.zeros(1, T, R, device=DEVICE), b, mapping,

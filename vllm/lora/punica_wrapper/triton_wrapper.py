@@ -3,6 +3,10 @@
 The MoE deltas reuse one alignment for both projections: pairs sorted per
 adapter slot and expert in blocks (``moe_lora_align_block_size``), computed
 in ``add_lora_w13`` and handed back for ``add_lora_w2``.
+
+Shrink outputs hold ``SPLIT_K`` partial sums that expand adds up (one shrink
+launch even when K is split). A shrink combine (fully sharded LoRA) needs
+the finished sums, so shrinks followed by one are not split.
 """
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from vllm.lora.ops.triton_ops.fused_moe_lora import (fused_moe_lora_expand,
-                                                     fused_moe_lora_shrink, moe_lora_block_size)
-from vllm.lora.ops.triton_ops.lora_ops import lora_expand, lora_shrink
+                                                     fused_moe_lora_shrink, moe_lora_block_size,
+                                                     moe_lora_shrink_split)
+from vllm.lora.ops.triton_ops.lora_ops import lora_expand, lora_shrink, lora_shrink_split
 from vllm.lora.punica_wrapper.base import PunicaWrapperBase
 from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_size
 
@@ -26,15 +31,19 @@ class MoELoRAAlignment:
 
 
 class TritonPunicaWrapper(PunicaWrapperBase):
-    def shrink_buffer(self, num_slices: int, rows: int, rank: int) -> torch.Tensor:
+    def shrink_parts_buffer(self, parts: int, num_slices: int, rows: int,
+                            rank: int) -> torch.Tensor:
         # the kernels write every row they later read
-        return torch.empty(num_slices, rows, rank, dtype=torch.float32, device=self.device)
+        return torch.empty(parts, num_slices, rows, rank, dtype=torch.float32,
+                           device=self.device)
 
     def add_lora_linear(self, y, x, lora_a, lora_b, slice_offsets, combine_shrink=None):
-        inter = self.shrink_buffer(len(lora_a), x.shape[0], lora_a[0].shape[1])
+        R = lora_a[0].shape[1]
+        parts = 1 if combine_shrink else lora_shrink_split(x.shape[0], x.shape[1], R, x.dtype)
+        inter = self.shrink_parts_buffer(parts, len(lora_a), x.shape[0], R)
         lora_shrink(x, lora_a, self.mapping, inter)
         if combine_shrink is not None:
-            inter = combine_shrink(inter)
+            inter = combine_shrink(inter[0])
         lora_expand(inter, lora_b, self.mapping, y, slice_offsets)
 
     def add_lora_w13(self, ctx, x, cache1, topk_ids):
@@ -42,24 +51,32 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         block = moe_lora_block_size(topk_ids.numel(), num_experts, ctx.max_loras)
         alignment = MoELoRAAlignment(*moe_lora_align_block_size(
             topk_ids, self.mapping.token_lora_slot, block, num_experts, ctx.max_loras), block)
-        inter = self.shrink_buffer(ctx.w13_num_slices, cache1.shape[0], ctx.w13_rank)
+        combine = ctx.w13_shrink_combine
+        parts = 1 if combine else moe_lora_shrink_split(cache1.shape[0], x.shape[1],
+                                                         ctx.w13_rank, block, x.dtype)
+        inter = self.shrink_parts_buffer(parts, ctx.w13_num_slices, cache1.shape[0],
+                                         ctx.w13_rank)
         fused_moe_lora_shrink(x, ctx.w13_lora_a, alignment.sorted_pair_ids, alignment.expert_ids,
                               alignment.num_pairs_post_padded, ctx.adapter_enabled, ctx.top_k,
                               True, inter, block)
-        if ctx.w13_shrink_combine is not None:
-            inter = ctx.w13_shrink_combine(inter)
+        if combine is not None:
+            inter = combine(inter[0])
         fused_moe_lora_expand(inter, ctx.w13_lora_b, alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, cache1, ctx.w13_slice_offsets)
         return alignment
 
     def add_lora_w2(self, ctx, cache2, cache3, topk_weights, alignment, mul_routed_weight):
-        inter = self.shrink_buffer(1, cache2.shape[0], ctx.max_rank)
+        combine = ctx.w2_shrink_combine
+        parts = 1 if combine else moe_lora_shrink_split(cache2.shape[0], cache2.shape[1],
+                                                         ctx.max_rank, alignment.block_size,
+                                                         cache2.dtype)
+        inter = self.shrink_parts_buffer(parts, 1, cache2.shape[0], ctx.max_rank)
         fused_moe_lora_shrink(cache2, [ctx.w2_lora_a], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, ctx.top_k, False, inter, alignment.block_size)
-        if ctx.w2_shrink_combine is not None:
-            inter = ctx.w2_shrink_combine(inter)
+        if combine is not None:
+            inter = combine(inter[0])
         fused_moe_lora_expand(inter, [ctx.w2_lora_b], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, cache3, [ctx.w2_out_offset],

@@ -32,9 +32,9 @@ hold the sentinel pair id ``T * top_k`` and are masked.
 
 Slices (gate/up) share one launch through the per-slice table of
 ``lora_ops`` (factor pointer, slot and expert strides, N_s, column offset),
-and ``SPLIT_K > 1`` works as there: a ``ZERO_ONLY`` launch of the same
-kernel zeroes exactly the rows the op writes, then the split programs add
-fp32 partial sums atomically.
+and ``SPLIT_K > 1`` works as there: each split program stores its partial
+sum in its own part of a ``[SPLIT_K, S, T*k, R]`` output, and expand adds
+the parts up as it loads them.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops.lora_ops import (check_split_k, expand_add, input_precision,
-                                               rank_block, shrink_block_k, shrink_tile,
-                                               slice_meta, slice_table, write_shrink)
+from vllm.lora.ops.triton_ops.lora_ops import (expand_add, input_precision, rank_block,
+                                               shrink_block_k, shrink_parts, shrink_tile,
+                                               slice_meta, slice_table, split_config)
 
 
 @triton.jit
@@ -73,10 +73,10 @@ def _moe_lora_shrink_kernel(
         x_ptr, w0_ptr, meta_ptr, out_ptr, sorted_pair_ids_ptr, expert_ids_ptr,
         num_pairs_post_padded_ptr, enabled_ptr,
         K, R, num_valid_pairs, top_k, stride_sorted, stride_expert_ids,
-        stride_xt, stride_xk, stride_wr, stride_wk, stride_os, stride_op, stride_or,
-        GATHER_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os, stride_op,
+        stride_or, GATHER_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, ZERO_ONLY: tl.constexpr):
+        SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     s = tl.program_id(2) // SPLIT_K
@@ -88,12 +88,8 @@ def _moe_lora_shrink_kernel(
     pairs, valid = _block_pairs(sorted_pair_ids_ptr, slot, pid_m, stride_sorted,
                                 num_valid_pairs, BLOCK_SIZE_M)
     offs_r = tl.arange(0, BLOCK_R)
-    out_ptrs = (out_ptr + s.to(tl.int64) * stride_os + pairs[:, None] * stride_op
-                + offs_r[None, :] * stride_or)
-    out_mask = valid[:, None] & (offs_r < R)[None, :]
-    if ZERO_ONLY:
-        tl.store(out_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_R), dtype=tl.float32), mask=out_mask)
-        return
+    out_ptrs = (out_ptr + split.to(tl.int64) * stride_o_part + s.to(tl.int64) * stride_os
+                + pairs[:, None] * stride_op + offs_r[None, :] * stride_or)
     if GATHER_ROWS:
         rows = pairs // top_k
     else:
@@ -102,7 +98,7 @@ def _moe_lora_shrink_kernel(
     acc = shrink_tile(x_ptr, w_ptr + slot * stride_wl + expert * stride_we, rows, valid, K, R,
                       split, stride_xt, stride_xk, stride_wr, stride_wk, INPUT_PRECISION,
                       BLOCK_SIZE_M, BLOCK_R, BLOCK_K, SPLIT_K)
-    write_shrink(out_ptrs, out_mask, acc, SPLIT_K)
+    tl.store(out_ptrs, acc, mask=valid[:, None] & (offs_r < R)[None, :])
 
 
 @triton.jit
@@ -110,9 +106,10 @@ def _moe_lora_expand_kernel(
         inter_ptr, w0_ptr, meta_ptr, y_ptr, topk_weights_ptr, sorted_pair_ids_ptr,
         expert_ids_ptr, num_pairs_post_padded_ptr, enabled_ptr,
         R, num_valid_pairs, num_n_blocks, stride_sorted, stride_expert_ids,
-        stride_is, stride_ip, stride_ir, stride_wn, stride_wr, stride_yp, stride_yn,
-        MUL_ROUTED_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        stride_i_part, stride_is, stride_ip, stride_ir, stride_wn, stride_wr, stride_yp,
+        stride_yn, MUL_ROUTED_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     s = tl.program_id(2) // num_n_blocks
@@ -132,8 +129,9 @@ def _moe_lora_expand_kernel(
         scale = 0.0
     expand_add(inter_ptr + s.to(tl.int64) * stride_is,
                w_ptr + slot * stride_wl + expert * stride_we, y_ptr, pairs, valid, scale,
-               col_off, n0, N, R, stride_ip, stride_ir, stride_wn, stride_wr, stride_yp,
-               stride_yn, INPUT_PRECISION, MUL_ROUTED_WEIGHT, BLOCK_R, BLOCK_N)
+               col_off, n0, N, R, stride_i_part, stride_ip, stride_ir, stride_wn, stride_wr,
+               stride_yp, stride_yn, INPUT_PRECISION, MUL_ROUTED_WEIGHT, BLOCK_R, BLOCK_N,
+               SPLIT_K)
 
 
 def moe_lora_block_size(num_pairs: int, num_experts: int, max_loras: int) -> int:
@@ -179,6 +177,12 @@ def _grid_blocks(num_blocks: int, num_valid_pairs: int, num_experts: int, block:
     return max(1, min(num_blocks, bound))
 
 
+def moe_lora_shrink_split(num_pairs: int, K: int, R: int, block_size_m: int,
+                          dtype: torch.dtype) -> int:
+    """The SPLIT_K to size a shrink output with (parts of K summed by expand)."""
+    return moe_lora_shrink_config(num_pairs, K, R, block_size_m, dtype)["SPLIT_K"]
+
+
 def moe_lora_shrink_config(num_pairs: int, K: int, R: int, block_size_m: int,
                            dtype: torch.dtype) -> dict[str, int]:
     """Untuned launch parameters. With few pairs there are few (slot, expert)
@@ -203,7 +207,8 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
     p of slot ``slot`` and expert e whose adapter is enabled, with
     ``row(p) = p // top_k`` when ``gather_rows`` (x ``[T, K]``) else p
     (x ``[T*k, K]``); ``lora_a[s]`` is ``[L, E, R, K]`` and out
-    ``[S, T*k, R]`` float32. Other rows of out are not touched."""
+    ``[S, T*k, R]`` float32, or ``[SPLIT_K, S, T*k, R]``: partial sums over K
+    that add up to it. Other rows of out are not touched."""
     L, block = _check_alignment(sorted_pair_ids, expert_ids, num_pairs_post_padded,
                                 adapter_enabled, block_size_m)
     S = len(lora_a)
@@ -213,28 +218,23 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
         raise ValueError(f"lora_a {tuple(w0.shape)} does not fit x {tuple(x.shape)} and "
                          f"{L} slots")
     R, K = w0.shape[2:]
-    num_valid_pairs = out.shape[1]
+    num_valid_pairs = out.shape[-2]
     if x.shape[0] * (top_k if gather_rows else 1) != num_valid_pairs:
         raise ValueError(f"x has {x.shape[0]} rows for {num_valid_pairs} pairs, top_k {top_k}")
-    if out.dtype != torch.float32 or tuple(out.shape) != (S, num_valid_pairs, R):
-        raise ValueError(f"out must be float32 {(S, num_valid_pairs, R)}, got {out.dtype} "
-                         f"{tuple(out.shape)}")
+    parts = shrink_parts(out, (S, num_valid_pairs, R))
     if x.dtype != w0.dtype:
         raise ValueError(f"x is {x.dtype} but the factors are {w0.dtype}")
-    config = config or moe_lora_shrink_config(num_valid_pairs, K, R, block, w0.dtype)
-    split_k = check_split_k(config)
-    args = (x, w0, table, out, sorted_pair_ids, expert_ids, num_pairs_post_padded,
-            adapter_enabled, K, R, num_valid_pairs, top_k, sorted_pair_ids.stride(0),
-            expert_ids.stride(0), x.stride(0), x.stride(1), stride_wr, stride_wk,
-            out.stride(0), out.stride(1), out.stride(2))
-    consts = dict(GATHER_ROWS=gather_rows, INPUT_PRECISION=input_precision(w0.dtype),
-                  BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
-                  num_warps=config["num_warps"])
+    config = split_config(
+        config, lambda: moe_lora_shrink_config(num_valid_pairs, K, R, block, w0.dtype), parts)
+    split_k = config["SPLIT_K"]
     m_blocks = _grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
-    if split_k > 1:
-        _moe_lora_shrink_kernel[(m_blocks, L, S)](*args, SPLIT_K=1, ZERO_ONLY=True, **consts)
     _moe_lora_shrink_kernel[(m_blocks, L, S * split_k)](
-        *args, SPLIT_K=split_k, ZERO_ONLY=False, num_stages=config["num_stages"], **consts)
+        x, w0, table, parts, sorted_pair_ids, expert_ids, num_pairs_post_padded,
+        adapter_enabled, K, R, num_valid_pairs, top_k, sorted_pair_ids.stride(0),
+        expert_ids.stride(0), x.stride(0), x.stride(1), stride_wr, stride_wk, *parts.stride(),
+        GATHER_ROWS=gather_rows, INPUT_PRECISION=input_precision(w0.dtype),
+        BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
+        SPLIT_K=split_k, num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
 def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
@@ -247,12 +247,14 @@ def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
     """``y[p, off_s : off_s + N_s] += inter[s, p] @ lora_b[s][slot, e].T``
     (times ``topk_weights.flatten()[p]`` when given) for every aligned pair
     p of slot ``slot`` and expert e whose adapter is enabled; inter is
-    ``[S, T*k, R]``, ``lora_b[s]`` ``[L, E, N_s, R]``, y ``[T*k, N]``. The sum
-    is formed in fp32 and rounded once to y's dtype; other rows and columns
-    of y are not touched. ``block_size_m`` defaults to the alignment's."""
+    ``[S, T*k, R]`` or its ``[SPLIT_K, S, T*k, R]`` parts, ``lora_b[s]``
+    ``[L, E, N_s, R]``, y ``[T*k, N]``. The sum is formed in fp32 and rounded
+    once to y's dtype; other rows and columns of y are not touched.
+    ``block_size_m`` defaults to the alignment's."""
     L, block = _check_alignment(sorted_pair_ids, expert_ids, num_pairs_post_padded,
                                 adapter_enabled, block_size_m)
-    S, num_valid_pairs, R = inter.shape
+    S, num_valid_pairs, R = inter.shape[-3:]
+    parts = shrink_parts(inter, (S, num_valid_pairs, R))
     if len(lora_b) != S:
         raise ValueError(f"inter has {S} slices but there are {len(lora_b)} factors")
     table, (stride_wn, stride_wr) = slice_table(lora_b, 2, slice_offsets)
@@ -274,10 +276,9 @@ def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
     num_n_blocks = triton.cdiv(max_n, block_n)
     m_blocks = _grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
     _moe_lora_expand_kernel[(m_blocks, L, S * num_n_blocks)](
-        inter, w0, table, y, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
+        parts, w0, table, y, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
         adapter_enabled, R, num_valid_pairs, num_n_blocks, sorted_pair_ids.stride(0),
-        expert_ids.stride(0), inter.stride(0), inter.stride(1), inter.stride(2), stride_wn,
-        stride_wr, y.stride(0), y.stride(1),
+        expert_ids.stride(0), *parts.stride(), stride_wn, stride_wr, y.stride(0), y.stride(1),
         MUL_ROUTED_WEIGHT=weights is not None, INPUT_PRECISION=input_precision(w0.dtype),
-        BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_N=block_n,
+        BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_N=block_n, SPLIT_K=parts.shape[0],
         num_warps=config["num_warps"])

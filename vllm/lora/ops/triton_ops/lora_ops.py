@@ -35,11 +35,11 @@ arguments, which lets Triton specialise unit strides and vectorise loads.
 
 Decode has few tokens per slot, which leaves shrink (a thin [R, K] factor,
 K in the thousands) with few programs that each walk all of K. ``SPLIT_K``
-spreads K over more programs that add fp32 partial sums atomically; the rows
-they add into are first zeroed by a launch of the same kernel with
-``ZERO_ONLY`` (which writes exactly the rows the op writes), so rows of
-tokens without an adapter stay untouched. With ``SPLIT_K == 1`` shrink is
-one launch and deterministic.
+spreads K over more programs, each storing its fp32 partial sum in its own
+part of a ``[SPLIT_K, S, T, R]`` shrink output; expand adds the parts up as
+it loads them (SPLIT_K * R floats per row, nothing next to the weights it
+reads). So shrink is always one launch, needs no zeroed buffer and no
+atomics, and stays deterministic. A ``[S, T, R]`` output means one part.
 
 16-bit operands go to ``tl.dot`` as they are (tensor cores, fp32
 accumulation); expand rounds the fp32 shrink output to the factors' dtype
@@ -48,6 +48,7 @@ for that. fp32 uses ``input_precision="ieee"`` so it never drops to tf32.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,27 +94,22 @@ def shrink_tile(x_ptr, w_ptr, rows, row_mask, K, R, split, stride_xt, stride_xk,
 
 
 @triton.jit
-def write_shrink(out_ptrs, out_mask, acc, SPLIT_K: tl.constexpr):
-    if SPLIT_K > 1:
-        # partial sums only need to add up, not to order anything
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc, mask=out_mask)
-
-
-@triton.jit
 def expand_add(inter_ptr, w_ptr, y_ptr, rows, row_mask, scale, col_off, n0, N, R,
-               stride_it, stride_ir, stride_wn, stride_wr, stride_yt, stride_yn,
+               stride_ip, stride_it, stride_ir, stride_wn, stride_wr, stride_yt, stride_yn,
                INPUT_PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     """y[rows, col_off + n0 + n] += (inter[rows] @ W.T)[:, n0 + n] (* scale per
-    row), W being [N, R]; the sum is formed in fp32."""
+    row), W being [N, R] and inter the sum of SPLIT_K parts ``stride_ip``
+    apart; the sum is formed in fp32."""
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     r_mask = offs_r < R
     n_mask = offs_n < N
-    a = tl.load(inter_ptr + rows[:, None] * stride_it + offs_r[None, :] * stride_ir,
-                mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+    a_ptrs = inter_ptr + rows[:, None] * stride_it + offs_r[None, :] * stride_ir
+    a_mask = row_mask[:, None] & r_mask[None, :]
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    for part in tl.static_range(1, SPLIT_K):
+        a += tl.load(a_ptrs + part * stride_ip, mask=a_mask, other=0.0)
     w = tl.load(w_ptr + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wn,
                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     delta = tl.dot(a.to(w.dtype), w, input_precision=INPUT_PRECISION)
@@ -137,9 +133,9 @@ def _slot_rows(sorted_token_ids_ptr, start, run, pid_m, BLOCK_M: tl.constexpr):
 @triton.jit
 def _lora_shrink_kernel(
         x_ptr, w0_ptr, meta_ptr, out_ptr, sorted_token_ids_ptr, slot_start_ptr,
-        K, R, stride_xt, stride_xk, stride_wr, stride_wk, stride_os, stride_ot, stride_or,
-        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ZERO_ONLY: tl.constexpr):
+        K, R, stride_xt, stride_xk, stride_wr, stride_wk, stride_op, stride_os, stride_ot,
+        stride_or, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     s = tl.program_id(2) // SPLIT_K
@@ -150,26 +146,22 @@ def _lora_shrink_kernel(
         return
     tokens, valid = _slot_rows(sorted_token_ids_ptr, start, run, pid_m, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    out_ptrs = (out_ptr + s.to(tl.int64) * stride_os + tokens[:, None] * stride_ot
-                + offs_r[None, :] * stride_or)
-    out_mask = valid[:, None] & (offs_r < R)[None, :]
-    if ZERO_ONLY:
-        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=out_mask)
-        return
+    out_ptrs = (out_ptr + split.to(tl.int64) * stride_op + s.to(tl.int64) * stride_os
+                + tokens[:, None] * stride_ot + offs_r[None, :] * stride_or)
     w_ptr, stride_wl, _, _, _ = slice_meta(meta_ptr, s, w0_ptr)
     acc = shrink_tile(x_ptr, w_ptr + slot * stride_wl, tokens, valid, K, R, split, stride_xt,
                       stride_xk, stride_wr, stride_wk, INPUT_PRECISION, BLOCK_M, BLOCK_R,
                       BLOCK_K, SPLIT_K)
-    write_shrink(out_ptrs, out_mask, acc, SPLIT_K)
+    tl.store(out_ptrs, acc, mask=valid[:, None] & (offs_r < R)[None, :])
 
 
 @triton.jit
 def _lora_expand_kernel(
         inter_ptr, w0_ptr, meta_ptr, y_ptr, sorted_token_ids_ptr, slot_start_ptr,
-        R, num_n_blocks, stride_is, stride_it, stride_ir, stride_wn, stride_wr,
+        R, num_n_blocks, stride_ip, stride_is, stride_it, stride_ir, stride_wn, stride_wr,
         stride_yt, stride_yn,
         INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     s = tl.program_id(2) // num_n_blocks
@@ -183,8 +175,9 @@ def _lora_expand_kernel(
         return
     tokens, valid = _slot_rows(sorted_token_ids_ptr, start, run, pid_m, BLOCK_M)
     expand_add(inter_ptr + s.to(tl.int64) * stride_is, w_ptr + slot * stride_wl, y_ptr, tokens,
-               valid, 0.0, col_off, n0, N, R, stride_it, stride_ir, stride_wn, stride_wr,
-               stride_yt, stride_yn, INPUT_PRECISION, False, BLOCK_R, BLOCK_N)
+               valid, 0.0, col_off, n0, N, R, stride_ip, stride_it, stride_ir, stride_wn,
+               stride_wr, stride_yt, stride_yn, INPUT_PRECISION, False, BLOCK_R, BLOCK_N,
+               SPLIT_K)
 
 
 # Never evicted: a captured CUDA graph keeps reading the table at its address.
@@ -242,11 +235,26 @@ def shrink_block_k(K: int, R: int, block_m: int, dtype: torch.dtype) -> int:
     return max(16, min(block_k, triton.next_power_of_2(K)))
 
 
-def check_split_k(config: dict[str, Any]) -> int:
-    split_k = config["SPLIT_K"]
-    if split_k < 1:
-        raise ValueError(f"SPLIT_K must be >= 1, got {split_k}")
-    return split_k
+def shrink_parts(out: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The shrink output as ``[SPLIT_K, S, rows, R]`` parts: ``out`` is that,
+    or ``[S, rows, R]`` for one part."""
+    parts = out if out.dim() == 4 else out.unsqueeze(0)
+    if out.dtype != torch.float32 or out.dim() not in (3, 4) or tuple(parts.shape[1:]) != shape:
+        raise ValueError(f"the shrink output must be float32 [SPLIT_K, {', '.join(map(str, shape))}]"
+                         f" or {list(shape)}, got {out.dtype} {list(out.shape)}")
+    return parts
+
+
+def split_config(config: dict[str, Any] | None, default: Callable[[], dict[str, Any]],
+                 parts: torch.Tensor) -> dict[str, Any]:
+    """The launch config: ``config`` (whose SPLIT_K must match the output's
+    parts), else ``default()`` with SPLIT_K set by the parts."""
+    if config is None:
+        return {**default(), "SPLIT_K": parts.shape[0]}
+    if config["SPLIT_K"] != parts.shape[0]:
+        raise ValueError(f"SPLIT_K {config['SPLIT_K']} but the shrink output has "
+                         f"{parts.shape[0]} parts")
+    return config
 
 
 def lora_shrink_config(num_tokens: int, K: int, R: int, dtype: torch.dtype) -> dict[str, int]:
@@ -277,11 +285,17 @@ def _check_mapping(mapping: LoRATokenMapping, num_tokens: int) -> None:
         raise ValueError("slot_start must have max_loras + 1 entries")
 
 
+def lora_shrink_split(num_tokens: int, K: int, R: int, dtype: torch.dtype) -> int:
+    """The SPLIT_K to size a shrink output with (parts of K summed by expand)."""
+    return lora_shrink_config(num_tokens, K, R, dtype)["SPLIT_K"]
+
+
 def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], mapping: LoRATokenMapping,
                 out: torch.Tensor, config: dict[str, Any] | None = None) -> None:
     """``out[s, t] = x[t] @ lora_a[s][slot(t)].T`` for every token t with an
     adapter (x ``[T, K]``, ``lora_a[s]`` ``[L, R, K]``, out ``[S, T, R]``
-    float32); other rows of ``out`` are not touched."""
+    float32, or ``[SPLIT_K, S, T, R]``: partial sums over K that add up to
+    it); other rows of ``out`` are not touched."""
     T, K = x.shape
     S = len(lora_a)
     _check_mapping(mapping, T)
@@ -291,37 +305,31 @@ def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], mapping: LoRATokenM
     if w0.shape[2] != K or w0.shape[0] < mapping.max_loras:
         raise ValueError(f"lora_a {tuple(w0.shape)} does not fit x {tuple(x.shape)} and "
                          f"{mapping.max_loras} slots")
-    if out.dtype != torch.float32 or tuple(out.shape) != (S, T, R):
-        raise ValueError(f"out must be float32 {(S, T, R)}, got {out.dtype} {tuple(out.shape)}")
+    parts = shrink_parts(out, (S, T, R))
     if x.dtype != w0.dtype:
         raise ValueError(f"x is {x.dtype} but the factors are {w0.dtype}")
     if T == 0:
         return
-    config = config or lora_shrink_config(T, K, R, w0.dtype)
-    split_k = check_split_k(config)
-    block_m = config["BLOCK_SIZE_M"]
-    args = (x, w0, table, out, mapping.sorted_token_ids, mapping.slot_start, K, R,
-            x.stride(0), x.stride(1), stride_wr, stride_wk,
-            out.stride(0), out.stride(1), out.stride(2))
-    consts = dict(INPUT_PRECISION=input_precision(w0.dtype), BLOCK_M=block_m,
-                  BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
-                  num_warps=config["num_warps"])
-    m_blocks = triton.cdiv(T, block_m)
-    if split_k > 1:
-        _lora_shrink_kernel[(m_blocks, mapping.max_loras, S)](
-            *args, SPLIT_K=1, ZERO_ONLY=True, **consts)
-    _lora_shrink_kernel[(m_blocks, mapping.max_loras, S * split_k)](
-        *args, SPLIT_K=split_k, ZERO_ONLY=False, num_stages=config["num_stages"], **consts)
+    config = split_config(config, lambda: lora_shrink_config(T, K, R, w0.dtype), parts)
+    split_k, block_m = config["SPLIT_K"], config["BLOCK_SIZE_M"]
+    _lora_shrink_kernel[(triton.cdiv(T, block_m), mapping.max_loras, S * split_k)](
+        x, w0, table, parts, mapping.sorted_token_ids, mapping.slot_start, K, R,
+        x.stride(0), x.stride(1), stride_wr, stride_wk, *parts.stride(),
+        INPUT_PRECISION=input_precision(w0.dtype), BLOCK_M=block_m, BLOCK_R=rank_block(R),
+        BLOCK_K=config["BLOCK_SIZE_K"], SPLIT_K=split_k, num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
 
 
 def lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor], mapping: LoRATokenMapping,
                 y: torch.Tensor, slice_offsets: list[int],
                 config: dict[str, Any] | None = None) -> None:
     """``y[t, off_s : off_s + N_s] += inter[s, t] @ lora_b[s][slot(t)].T`` for
-    every token t with an adapter (inter ``[S, T, R]``, ``lora_b[s]``
-    ``[L, N_s, R]``); the sum is formed in fp32 and rounded once to y's dtype.
-    Other rows and columns of y are not touched."""
-    S, T, R = inter.shape
+    every token t with an adapter (inter ``[S, T, R]`` or its
+    ``[SPLIT_K, S, T, R]`` parts, ``lora_b[s]`` ``[L, N_s, R]``); the sum is
+    formed in fp32 and rounded once to y's dtype. Other rows and columns of
+    y are not touched."""
+    S, T, R = inter.shape[-3:]
+    parts = shrink_parts(inter, (S, T, R))
     _check_mapping(mapping, T)
     if len(lora_b) != S:
         raise ValueError(f"inter has {S} slices but there are {len(lora_b)} factors")
@@ -340,8 +348,7 @@ def lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor], mapping: LoRATo
     block_m, block_n = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"]
     num_n_blocks = triton.cdiv(max_n, block_n)
     _lora_expand_kernel[(triton.cdiv(T, block_m), mapping.max_loras, S * num_n_blocks)](
-        inter, w0, table, y, mapping.sorted_token_ids, mapping.slot_start, R, num_n_blocks,
-        inter.stride(0), inter.stride(1), inter.stride(2), stride_wn, stride_wr,
-        y.stride(0), y.stride(1),
+        parts, w0, table, y, mapping.sorted_token_ids, mapping.slot_start, R, num_n_blocks,
+        *parts.stride(), stride_wn, stride_wr, y.stride(0), y.stride(1),
         INPUT_PRECISION=input_precision(w0.dtype), BLOCK_M=block_m, BLOCK_R=rank_block(R),
-        BLOCK_N=block_n, num_warps=config["num_warps"])
+        BLOCK_N=block_n, SPLIT_K=parts.shape[0], num_warps=config["num_warps"])
