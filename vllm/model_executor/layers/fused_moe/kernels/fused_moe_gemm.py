@@ -142,20 +142,32 @@ def fused_moe_gemm_torch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                          topk_weights: torch.Tensor | None = None,
                          config: dict[str, Any] | None = None) -> None:
     """Reference of ``invoke_fused_moe_gemm`` (``config`` is ignored)."""
-    num_valid_pairs = c.shape[0]
+    for e, p in aligned_pairs_by_expert(sorted_pair_ids, expert_ids, num_pairs_post_padded,
+                                        c.shape[0]):
+        rows = p // top_k if gather_rows else p
+        store_pair_rows(c, p, a[rows].float() @ b[e].float().T, e, bias, topk_weights)
+
+
+def aligned_pairs_by_expert(sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
+                            num_pairs_post_padded: torch.Tensor, num_valid_pairs: int
+                            ) -> list[tuple[int, torch.Tensor]]:
+    """The torch references' reading of an alignment: (expert, its pair ids)
+    over the used blocks, skipping padding and experts of other ranks (-1)."""
     block_m = _alignment_block_size(sorted_pair_ids, expert_ids)
     used = int(num_pairs_post_padded.reshape(-1)[0])
     pairs = sorted_pair_ids[:used].long()
     experts = expert_ids[:used // block_m].long().repeat_interleave(block_m)
     keep = (pairs < num_valid_pairs) & (experts >= 0)
     pairs, experts = pairs[keep], experts[keep]
-    weights = topk_weights.reshape(-1) if topk_weights is not None else None
-    for e in experts.unique().tolist():
-        p = pairs[experts == e]
-        rows = p // top_k if gather_rows else p
-        out = a[rows].float() @ b[e].float().T
-        if bias is not None:
-            out += bias[e].float()
-        if weights is not None:
-            out *= weights[p].float().unsqueeze(1)
-        c[p] = out.to(c.dtype)
+    return [(e, pairs[experts == e]) for e in experts.unique().tolist()]
+
+
+def store_pair_rows(c: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor, expert: int,
+                    bias: torch.Tensor | None, topk_weights: torch.Tensor | None) -> None:
+    """The references' ``moe_tile_store``: add the expert's bias, scale by
+    the pairs' routing weights, store the float32 rows in c's dtype."""
+    if bias is not None:
+        out = out + bias[expert].float()
+    if topk_weights is not None:
+        out = out * topk_weights.reshape(-1)[pairs].float().unsqueeze(1)
+    c[pairs] = out.to(c.dtype)

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.kernels.moe_tile import moe_tile, moe_tile_store
 
-from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (_alignment_block_size,
-                                                                         default_config)
+from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (
+    _alignment_block_size, aligned_pairs_by_expert, default_config, store_pair_rows)
 
 
 @triton.jit
@@ -143,29 +143,16 @@ def fused_moe_w8a8_gemm_torch(a: torch.Tensor, a_scale: torch.Tensor, b: torch.T
                               topk_weights: torch.Tensor | None = None) -> None:
     """Reference of ``invoke_fused_moe_w8a8_gemm``: dequantize, multiply in float32."""
     _check(a, a_scale, b, b_scale, c, group_k)
-    num_valid_pairs = c.shape[0]
     K = b.shape[2]
-    block_m = _alignment_block_size(sorted_pair_ids, expert_ids)
-    used = int(num_pairs_post_padded.reshape(-1)[0])
-    pairs = sorted_pair_ids[:used].long()
-    experts = expert_ids[:used // block_m].long().repeat_interleave(block_m)
-    keep = (pairs < num_valid_pairs) & (experts >= 0)
-    pairs, experts = pairs[keep], experts[keep]
     if group_k is not None:
         a_deq = a.float() * a_scale.float().repeat_interleave(group_k, dim=1)[:, :K]
     else:
         a_deq = a.float() * a_scale.float().reshape(-1, 1)
-    weights = topk_weights.reshape(-1) if topk_weights is not None else None
-    for e in experts.unique().tolist():
-        p = pairs[experts == e]
+    for e, p in aligned_pairs_by_expert(sorted_pair_ids, expert_ids, num_pairs_post_padded,
+                                        c.shape[0]):
         rows = p // top_k if gather_rows else p
         if group_k is not None:
             w = b[e].float() * b_scale[e].float().repeat_interleave(group_k, dim=1)[:, :K]
         else:
             w = b[e].float() * b_scale[e].float().unsqueeze(1)
-        out = a_deq[rows] @ w.T
-        if bias is not None:
-            out += bias[e].float()
-        if weights is not None:
-            out *= weights[p].float().unsqueeze(1)
-        c[p] = out.to(c.dtype)
+        store_pair_rows(c, p, a_deq[rows] @ w.T, e, bias, topk_weights)

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.kernels.moe_tile import moe_tile, moe_tile_store
 
-from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (_alignment_block_size,
-                                                                         default_config)
+from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (
+    _alignment_block_size, aligned_pairs_by_expert, default_config, store_pair_rows)
 from vllm.model_executor.quantization.dequant import dequant_fp4, dequant_int4
 
 WEIGHT_FORMATS = {"int4": 0, "nvfp4": 1, "mxfp4": 2}
@@ -198,16 +198,8 @@ def fused_moe_weight_only_gemm_torch(a: torch.Tensor, b: torch.Tensor, scale: to
                                      topk_weights: torch.Tensor | None = None) -> None:
     """Reference of ``invoke_fused_moe_weight_only_gemm`` (dequantize, float32)."""
     _check(a, b, scale, c, group_size)
-    num_valid_pairs = c.shape[0]
-    block_m = _alignment_block_size(sorted_pair_ids, expert_ids)
-    used = int(num_pairs_post_padded.reshape(-1)[0])
-    pairs = sorted_pair_ids[:used].long()
-    experts = expert_ids[:used // block_m].long().repeat_interleave(block_m)
-    keep = (pairs < num_valid_pairs) & (experts >= 0)
-    pairs, experts = pairs[keep], experts[keep]
-    weights = topk_weights.reshape(-1) if topk_weights is not None else None
-    for e in experts.unique().tolist():
-        p = pairs[experts == e]
+    for e, p in aligned_pairs_by_expert(sorted_pair_ids, expert_ids, num_pairs_post_padded,
+                                        c.shape[0]):
         rows = p // top_k if gather_rows else p
         if weight_format == "int4":
             w = dequant_int4(b[e], scale[e], group_size)
@@ -217,8 +209,4 @@ def fused_moe_weight_only_gemm_torch(a: torch.Tensor, b: torch.Tensor, scale: to
         out = a[rows].float() @ w.T
         if channel_scale is not None:
             out *= channel_scale[e].float()
-        if bias is not None:
-            out += bias[e].float()
-        if weights is not None:
-            out *= weights[p].float().unsqueeze(1)
-        c[p] = out.to(c.dtype)
+        store_pair_rows(c, p, out, e, bias, topk_weights)
