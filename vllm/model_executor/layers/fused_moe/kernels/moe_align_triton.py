@@ -29,6 +29,20 @@ _TILE_ELEMENTS = 4096
 
 
 @triton.jit
+def _chunk_one_hot(c, topk_ids_ptr, token_slot_ptr, slot, num_pairs, top_k, experts,
+                   HAS_SLOT: tl.constexpr, CHUNK: tl.constexpr):
+    """Pairs of chunk c, their expert (-1: past the end or another slot's)
+    and the [CHUNK, experts] one-hot of the expert."""
+    pair = c * CHUNK + tl.arange(0, CHUNK)
+    valid = pair < num_pairs
+    e = tl.load(topk_ids_ptr + pair, mask=valid, other=-1).to(tl.int32)
+    if HAS_SLOT:
+        s = tl.load(token_slot_ptr + pair // top_k, mask=valid, other=-1)
+        e = tl.where(s == slot, e, -1)
+    return pair, e, (e[:, None] == experts[None, :]).to(tl.int32)
+
+
+@triton.jit
 def _moe_align_kernel(topk_ids_ptr, token_slot_ptr, sorted_ids_ptr, expert_ids_ptr, total_ptr,
                       num_pairs, top_k, block_size, num_padded, num_blocks,
                       HAS_SLOT: tl.constexpr, NUM_EXPERTS_PAD: tl.constexpr,
@@ -41,13 +55,8 @@ def _moe_align_kernel(topk_ids_ptr, token_slot_ptr, sorted_ids_ptr, expert_ids_p
     # 1. per-expert counts
     counts = tl.zeros((NUM_EXPERTS_PAD,), dtype=tl.int32)
     for c in range(0, tl.cdiv(num_pairs, CHUNK)):
-        pair = c * CHUNK + tl.arange(0, CHUNK)
-        valid = pair < num_pairs
-        e = tl.load(topk_ids_ptr + pair, mask=valid, other=-1).to(tl.int32)
-        if HAS_SLOT:
-            s = tl.load(token_slot_ptr + pair // top_k, mask=valid, other=-1)
-            e = tl.where(s == slot, e, -1)
-        one_hot = (e[:, None] == experts[None, :]).to(tl.int32)
+        _, _, one_hot = _chunk_one_hot(c, topk_ids_ptr, token_slot_ptr, slot, num_pairs, top_k,
+                                       experts, HAS_SLOT, CHUNK)
         counts += tl.sum(one_hot, axis=0)
 
     padded = (counts + block_size - 1) // block_size * block_size
@@ -59,13 +68,8 @@ def _moe_align_kernel(topk_ids_ptr, token_slot_ptr, sorted_ids_ptr, expert_ids_p
     # 2. scatter; ``next_pos[e]`` is where expert e's next pair goes
     next_pos = starts
     for c in range(0, tl.cdiv(num_pairs, CHUNK)):
-        pair = c * CHUNK + tl.arange(0, CHUNK)
-        valid = pair < num_pairs
-        e = tl.load(topk_ids_ptr + pair, mask=valid, other=-1).to(tl.int32)
-        if HAS_SLOT:
-            s = tl.load(token_slot_ptr + pair // top_k, mask=valid, other=-1)
-            e = tl.where(s == slot, e, -1)
-        one_hot = (e[:, None] == experts[None, :]).to(tl.int32)
+        pair, e, one_hot = _chunk_one_hot(c, topk_ids_ptr, token_slot_ptr, slot, num_pairs,
+                                          top_k, experts, HAS_SLOT, CHUNK)
         # pairs of the same expert earlier in this chunk
         before = tl.cumsum(one_hot, axis=0) - one_hot
         pos = tl.sum(one_hot * (before + next_pos[None, :]), axis=1)
