@@ -78,6 +78,7 @@ def run_engine(model: str, prompts: list[list[int]], output_len: int, args,
     _sync()
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
+    print(f"generated {len(outs)} x {output_len} tokens in {elapsed:.2f} s", flush=True)
     llm.llm_engine.shutdown()
     del llm
     _free()

@@ -6,6 +6,7 @@ whose collectives are no-ops.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,18 @@ class ParallelContext:
         return self.tp.rank if self.enable_expert_parallel else 0
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
+def destroy_distributed(timeout_s: float = 60.0) -> None:
+    """Tear down this process's groups (every rank calls it together). A
+    teardown that does not finish in ``timeout_s`` raises instead of hanging
+    the caller; the groups then stay and no new engine can start here."""
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy() -> None:
         dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="vllm-destroy-groups", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise RuntimeError(f"tearing down the process groups did not finish in {timeout_s:.0f} s")

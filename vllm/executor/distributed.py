@@ -121,9 +121,12 @@ class DistributedExecutor(Executor):
             except (WorkerDiedError, RuntimeError):
                 graceful = False
         self._stopping = True
+        self.driver.release_cuda_graphs()
         # Every rank tears the group down together; after a worker died an
         # NCCL group cannot be (its teardown waits for the lost peer), and the
         # engine is finished anyway. Gloo groups always can.
-        if graceful or self.driver.device.type != "cuda":
-            destroy_distributed()
-        self.stop_workers()
+        try:
+            if graceful or self.driver.device.type != "cuda":
+                destroy_distributed()
+        finally:
+            self.stop_workers()

@@ -145,6 +145,17 @@ class ModelRunner:
             layer.kv_cache = cache
             self.kv_caches.append(cache)
 
+    def release_cuda_graphs(self) -> None:
+        """Destroy the captured graphs. Graphs that recorded NCCL collectives
+        pin their communicator, whose teardown then waits forever: every rank
+        calls this before the process group is destroyed."""
+        if self.graphs is None:
+            return
+        self.graphs = None
+        import gc
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+
     def capture_cuda_graphs(self) -> None:
         if self.device.type != "cuda" or self.config.model_config.enforce_eager:
             return

@@ -49,6 +49,7 @@ def worker_main(config: VllmConfig, rank: int, world_size: int, init_method: str
             elif command == REMOVE_LORA:
                 runner.remove_lora(arg)
             elif command == SHUTDOWN:
+                runner.release_cuda_graphs()
                 destroy_distributed()  # with the driver: NCCL teardown needs every rank
                 return
     except Exception:
