@@ -117,3 +117,10 @@ def destroy_distributed(timeout_s: float = 60.0) -> None:
     threading.Thread(target=destroy, name="vllm-destroy-groups", daemon=True).start()
     if not done.wait(timeout_s):
         raise RuntimeError(f"tearing down the process groups did not finish in {timeout_s:.0f} s")
+
+
+def abort_distributed() -> None:
+    """Drop this process's groups without waiting for any peer: the way out
+    after a rank died, when a collective teardown would wait for it forever."""
+    if dist.is_initialized():
+        dist.distributed_c10d._abort_process_group()

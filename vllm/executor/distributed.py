@@ -19,7 +19,8 @@ from abc import abstractmethod
 import torch
 
 from vllm.config import VllmConfig
-from vllm.distributed.parallel_state import destroy_distributed, init_distributed
+from vllm.distributed.parallel_state import (abort_distributed, destroy_distributed,
+                                             init_distributed)
 from vllm.executor.base import Executor
 from vllm.logger import init_logger
 from vllm.worker import worker
@@ -122,11 +123,12 @@ class DistributedExecutor(Executor):
                 graceful = False
         self._stopping = True
         self.driver.release_cuda_graphs()
-        # Every rank tears the group down together; after a worker died an
-        # NCCL group cannot be (its teardown waits for the lost peer), and the
-        # engine is finished anyway. Gloo groups always can.
+        # Every rank tears the groups down together; after a worker died the
+        # teardown would wait for the lost peer, so the groups are aborted.
         try:
-            if graceful or self.driver.device.type != "cuda":
+            if graceful:
                 destroy_distributed()
+            else:
+                abort_distributed()
         finally:
             self.stop_workers()
