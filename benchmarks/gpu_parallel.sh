@@ -11,10 +11,11 @@ timeout 90 python3 -m vllm.native_build 2>&1 | tail -1  # once, before the ranks
 timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_native_ops.py \
   -k second_device 2>&1 | tail -2
 timeout 320 python3 -m pytest -v -p no:cacheprovider --timeout 120 --timeout-method=thread tests/distributed \
-  -k "not four_ranks and not ray" 2>&1 | tee "$OUT/pytest_parallel.log" \
+  -k "${TESTS:-not four_ranks and not ray}" 2>&1 | tee "$OUT/pytest_parallel.log" \
   | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed"
 for mode in "" "--enable-expert-parallel"; do
-  timeout 110 python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b \
-    --num-layers 4 --batch-size 64 --input-len 128 --output-len 128 -tp 2 $mode 2>&1 \
+  timeout 200 python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b \
+    --num-layers 4 --batch-size 64 --input-len 128 --output-len 256 -tp 2 $mode \
+    --lora-comparison 4 2>&1 \
     | tee -a "$OUT/throughput_parallel.log" | grep -A2 "^system"
 done
