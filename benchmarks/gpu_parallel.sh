@@ -17,5 +17,5 @@ for mode in "" "--enable-expert-parallel"; do
   timeout 200 python3 benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b \
     --num-layers 4 --batch-size 64 --input-len 128 --output-len 256 -tp 2 $mode \
     --lora-comparison 4 2>&1 \
-    | tee -a "$OUT/throughput_parallel.log" | grep -A2 "^system"
+    | tee -a "$OUT/throughput_parallel.log" | grep -E -A4 "^system|^generated"
 done
