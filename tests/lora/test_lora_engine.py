@@ -106,6 +106,15 @@ def test_base_requests_identical_with_lora_enabled(path, adapters):
     for i, out in enumerate(mixed):
         if loras[i] is None:
             assert out.outputs[0].token_ids == expected[i]
+    # base-only steps after adapter steps and the other way round (a base-only
+    # step skips the mapping update and leaves every layer without LoRA)
+    manager = with_lora.llm_engine.runner.lora_manager
+    again = with_lora.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == expected
+    assert all(getattr(layer, "lora_context", None) is None for layer in manager.layers.values())
+    adapter_only = with_lora.generate(PROMPTS[:1], params, lora_request=loras[0], use_tqdm=False)
+    assert adapter_only[0].outputs[0].token_ids == mixed[0].outputs[0].token_ids
+    assert adapter_only[0].outputs[0].token_ids != expected[0]
 
 
 # -- bad adapters ----------------------------------------------------------------------

@@ -54,6 +54,8 @@ class LoRAModelManager:
         self.slot_adapter: list[int | None] = [None] * config.max_loras
         self._slot_clock = [0] * config.max_loras
         self._clock = 0
+        # whether every layer was last told that no adapter is active
+        self._layers_idle = False
         self.cpu_cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self.registered: dict[int, LoRARequest] = {}
 
@@ -162,5 +164,9 @@ class LoRAModelManager:
         for slot in slot_of.values():
             self._slot_clock[slot] = self._clock
         self.punica.update_mapping([slot_of.get(i, -1) for i in token_lora_ids])
+        idle = not slot_of and not self.punica.all_layers_active
+        if idle and self._layers_idle:
+            return  # base-only after base-only: every layer already runs without LoRA
         for layer in self.layers.values():
             layer.set_mapping(self.punica)
+        self._layers_idle = idle

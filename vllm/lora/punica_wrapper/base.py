@@ -27,25 +27,36 @@ class PunicaWrapperBase(ABC):
         # While capturing a CUDA graph every LoRA layer must record its
         # kernels, whatever adapters happen to be loaded.
         self.all_layers_active = False
-        # The mapping lives in fixed buffers so a captured graph reads the
-        # current step's mapping at replay.
-        self._slots = torch.empty(max_num_tokens, dtype=torch.int32, device=device)
-        self._sorted = torch.empty(max_num_tokens, dtype=torch.int32, device=device)
-        self._start = torch.empty(max_loras + 1, dtype=torch.int32, device=device)
+        # The mapping lives in one fixed buffer ([slot_start | token slots |
+        # sorted token ids], each token part ``capacity`` long) so that a
+        # captured graph reads the current step's mapping at replay, and a
+        # step's mapping reaches the device in one copy from pinned memory.
+        self._pin = torch.device(device).type == "cuda"
+        self._allocate(max(max_num_tokens, 1))
+
+    def _allocate(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._packed = torch.empty(self.max_loras + 1 + 2 * capacity, dtype=torch.int32,
+                                   device=self.device)
 
     def update_mapping(self, token_lora_slot: list[int]) -> None:
-        n = len(token_lora_slot)
-        slots = torch.tensor(token_lora_slot, dtype=torch.int32, device=self.device)
-        built = LoRATokenMapping.build(slots, self.max_loras)
-        if n > self._slots.shape[0]:
-            self._slots = torch.empty(n, dtype=torch.int32, device=self.device)
-            self._sorted = torch.empty(n, dtype=torch.int32, device=self.device)
-        self._slots[:n].copy_(built.token_lora_slot)
-        self._sorted[:n].copy_(built.sorted_token_ids)
-        self._start.copy_(built.slot_start)
-        self.mapping = LoRATokenMapping(self._slots[:n], self._sorted[:n], self._start,
-                                        self.max_loras)
         self.active_slots = frozenset(s for s in token_lora_slot if s >= 0)
+        if not self.active_slots and not self.all_layers_active:
+            return  # no layer reads the mapping this step: no device work at all
+        n, L = len(token_lora_slot), self.max_loras + 1
+        if n > self._capacity:
+            self._allocate(n)
+        M = self._capacity
+        # built on the host (a few tiny ops) so the step issues one async copy
+        built = LoRATokenMapping.build(torch.tensor(token_lora_slot, dtype=torch.int32),
+                                       self.max_loras)
+        host = torch.empty(L + M + n, dtype=torch.int32, pin_memory=self._pin)
+        host[:L] = built.slot_start
+        host[L:L + n] = built.token_lora_slot
+        host[L + M:] = built.sorted_token_ids
+        self._packed[:L + M + n].copy_(host, non_blocking=True)
+        self.mapping = LoRATokenMapping(self._packed[L:L + n], self._packed[L + M:L + M + n],
+                                        self._packed[:L], self.max_loras)
 
     @abstractmethod
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
