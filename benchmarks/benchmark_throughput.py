@@ -74,9 +74,20 @@ def run_engine(model: str, prompts: list[list[int]], output_len: int, args,
                  use_tqdm=False)
     _sync()
     start = time.perf_counter()
-    outs = llm.generate(batch, params, lora_request=loras, use_tqdm=False)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                               if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            outs = llm.generate(batch, params, lora_request=loras, use_tqdm=False)
+            _sync()
+    else:
+        outs = llm.generate(batch, params, lora_request=loras, use_tqdm=False)
     _sync()
     elapsed = time.perf_counter() - start
+    if args.profile:
+        for key in ("self_cpu_time_total", "self_device_time_total"):
+            print(prof.key_averages().table(sort_by=key, row_limit=args.profile), flush=True)
     assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
     print(f"generated {len(outs)} x {output_len} tokens in {elapsed:.2f} s", flush=True)
     llm.llm_engine.shutdown()
@@ -168,6 +179,8 @@ def main() -> None:
                    help="time LoRA off / on with base requests / on with N adapters")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="profile each timed run; print the top ROWS ops by host and device time")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--compare-hf", action="store_true",
