@@ -93,3 +93,22 @@ def test_max_num_seqs_limits_the_batch(path):
         engine.add_request(str(i), PROMPTS[i], GREEDY)
     engine.step()
     assert len(engine.scheduler.running) == 3 and len(engine.scheduler.waiting) == 3
+
+
+def test_final_only_requests_report_once(path, reference):
+    """A FINAL_ONLY request (what LLM.generate sends) appears in no step's
+    outputs until it finishes; a CUMULATIVE one appears at every step."""
+    from dataclasses import replace
+
+    from vllm.sampling_params import RequestOutputKind
+    engine = LLMEngine.from_engine_args(EngineArgs(path, dtype="float32", max_model_len=256))
+    engine.add_request("final", PROMPTS[0], replace(GREEDY, output_kind=RequestOutputKind.FINAL_ONLY))
+    engine.add_request("every", PROMPTS[1], GREEDY)
+    seen: dict[str, list] = {"final": [], "every": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["every"]) == GREEDY.max_tokens
+    assert [o.finished for o in seen["final"]] == [True]
+    assert seen["final"][0].outputs[0].token_ids == reference[0]
+    assert seen["every"][-1].outputs[0].token_ids == reference[1]

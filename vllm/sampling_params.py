@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(IntEnum):
+    """Which steps report a request: every step (the whole output so far)
+    or only the last. ``LLM.generate`` asks for the last only, which spares
+    building an output per request per step."""
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -33,6 +42,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the tokenizer / generation config.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 

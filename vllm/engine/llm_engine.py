@@ -15,7 +15,7 @@ from vllm.engine.detokenizer import IncrementalDetokenizer, token_text
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, Logprob, RequestOutput
-from vllm.sampling_params import SamplingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.worker.model_runner import ModelRunner
 
 if TYPE_CHECKING:
@@ -320,6 +320,8 @@ class LLMEngine:
             reported.add(rid)
             members = self.parents[rid].children if request.parent_id else [request]
             finished = all(m.status.finished for m in members)
+            if not finished and request.sampling_params.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
             outputs.append(self._request_output(rid, members, finished))
             if finished:
                 self.parents.pop(rid, None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from tqdm import tqdm
@@ -11,7 +12,7 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
-from vllm.sampling_params import SamplingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -76,7 +77,8 @@ class LLM:
         try:
             for prompt, p, lora in zip(prompts, params, loras):
                 rid = str(next(self._ids))
-                engine.add_request(rid, prompt, p, lora)
+                engine.add_request(rid, prompt, replace(p, output_kind=RequestOutputKind.FINAL_ONLY),
+                                   lora)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)  # all or nothing: the engine stays clean
