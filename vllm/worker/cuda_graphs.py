@@ -125,8 +125,9 @@ class DecodeGraphs:
         host[:, n:] = torch.tensor([0, 0, null * bs, 1]).unsqueeze(1)
         tables = self.host_tables[:B]
         tables.fill_(null)
-        for i, blocks in enumerate(inp.block_tables):
-            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        used = max(len(b) for b in inp.block_tables)  # one conversion for the whole batch
+        tables[:n, :used] = torch.tensor([b + [null] * (used - len(b)) for b in inp.block_tables],
+                                         dtype=torch.int32)
         dev = host.to(runner.device, non_blocking=True)
         self.input_ids[:B].copy_(dev[0])
         self.positions[:B].copy_(dev[1])

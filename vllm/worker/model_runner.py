@@ -208,12 +208,16 @@ class ModelRunner:
         return inp
 
     def sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
-        dev = self.device
         params = [r.sampling_params for r in requests]
-
-        def col(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=dev)
-
+        # every per-row setting in one host tensor: one async copy per step
+        host = torch.tensor([[0.0 if p.greedy else p.temperature for p in params],
+                             [p.top_p for p in params], [p.top_k for p in params],
+                             [p.min_p for p in params], [p.presence_penalty for p in params],
+                             [p.frequency_penalty for p in params],
+                             [p.repetition_penalty for p in params]], dtype=torch.float32)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        rows = host.to(self.device, non_blocking=True)
         min_tokens_block = {}
         for i, r in enumerate(requests):
             p = r.sampling_params
@@ -223,13 +227,8 @@ class ModelRunner:
         no_penalties = all(p.presence_penalty == 0 and p.frequency_penalty == 0
                            and p.repetition_penalty == 1 for p in params)
         return SamplingMetadata(
-            temperature=col([0.0 if p.greedy else p.temperature for p in params]),
-            top_p=col([p.top_p for p in params]),
-            top_k=col([p.top_k for p in params], torch.int64),
-            min_p=col([p.min_p for p in params]),
-            presence_penalty=col([p.presence_penalty for p in params]),
-            frequency_penalty=col([p.frequency_penalty for p in params]),
-            repetition_penalty=col([p.repetition_penalty for p in params]),
+            temperature=rows[0], top_p=rows[1], top_k=rows[2].long(), min_p=rows[3],
+            presence_penalty=rows[4], frequency_penalty=rows[5], repetition_penalty=rows[6],
             generators={i: r.generator for i, r in enumerate(requests) if r.generator is not None},
             output_token_ids=[r.output_token_ids for r in requests] if not no_penalties else [],
             prompt_token_ids=[r.prompt_token_ids for r in requests] if not no_penalties else [],
