@@ -12,13 +12,17 @@ next to Hugging Face transformers ``generate`` on the same model and batch.
     # (c) every request with one of 4 random rank-16 adapters (experts + q/v)
     python benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --lora-comparison 4
 
-Prints one table; the ratio column divides by the first row.
+Single-GPU configurations are all loaded at once and timed in alternation
+(``--repeats`` rounds, median shown with the spread of the runs), so the
+ratio column — each row against the first — compares runs made under the
+same conditions.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -60,40 +64,84 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(10, vocab, (n, length), generator=g).tolist()
 
 
-def run_engine(model: str, prompts: list[list[int]], output_len: int, args,
-               loras: list | None = None, **engine_kwargs) -> float:
-    from vllm import LLM, SamplingParams
-    llm = LLM(model, dtype=args.dtype, max_model_len=args.input_len + output_len + 8,
-              max_num_seqs=max(args.batch_size, 1), moe_backend=args.moe_backend,
-              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-              enable_expert_parallel=args.enable_expert_parallel, **engine_kwargs)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    batch = [{"prompt_token_ids": p} for p in prompts]
-    # same shapes as the timed run, so Triton compiles every kernel variant first
-    llm.generate(batch, SamplingParams(max_tokens=4, ignore_eos=True), lora_request=loras,
-                 use_tqdm=False)
-    _sync()
-    start = time.perf_counter()
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                               if torch.cuda.is_available() else [])
-        with profile(activities=activities) as prof:
-            outs = llm.generate(batch, params, lora_request=loras, use_tqdm=False)
-            _sync()
-    else:
-        outs = llm.generate(batch, params, lora_request=loras, use_tqdm=False)
-    _sync()
-    elapsed = time.perf_counter() - start
-    if args.profile:
-        for key in ("self_cpu_time_total", "self_device_time_total"):
-            print(prof.key_averages().table(sort_by=key, row_limit=args.profile), flush=True)
-    assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
-    print(f"generated {len(outs)} x {output_len} tokens in {elapsed:.2f} s", flush=True)
-    llm.llm_engine.shutdown()
-    del llm
-    _free()
-    return elapsed
+class TimedEngine:
+    """One engine configuration, kept alive so that runs of several
+    configurations can alternate (their ratios then share the machine's
+    state); multi-rank engines cannot coexist in one process and run in turn."""
+
+    def __init__(self, name: str, model: str, prompts: list[list[int]], args,
+                 loras: list | None = None, **engine_kwargs):
+        from vllm import LLM, SamplingParams
+        self.name, self.args, self.loras = name, args, loras
+        max_len = args.input_len + args.output_len + 8
+        # room for the whole batch, and no more: several engines share the GPU
+        blocks = len(prompts) * -(-max_len // 16) + 8
+        self.llm = LLM(model, dtype=args.dtype, max_model_len=max_len,
+                       max_num_seqs=max(args.batch_size, 1), moe_backend=args.moe_backend,
+                       enforce_eager=args.enforce_eager, num_gpu_blocks_override=blocks,
+                       tensor_parallel_size=args.tensor_parallel_size,
+                       enable_expert_parallel=args.enable_expert_parallel, **engine_kwargs)
+        self.params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        self.batch = [{"prompt_token_ids": p} for p in prompts]
+        # same shapes as the timed runs, so Triton compiles every kernel variant first
+        self.llm.generate(self.batch, SamplingParams(max_tokens=4, ignore_eos=True),
+                          lora_request=loras, use_tqdm=False)
+        self.times: list[float] = []
+
+    def run(self) -> None:
+        _sync()
+        start = time.perf_counter()
+        if self.args.profile and not self.times:
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                                   if torch.cuda.is_available() else [])
+            with profile(activities=activities) as prof:
+                outs = self._generate()
+            for key in ("self_cpu_time_total", "self_device_time_total"):
+                print(prof.key_averages().table(sort_by=key, row_limit=self.args.profile))
+        else:
+            outs = self._generate()
+        elapsed = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == self.args.output_len for o in outs)
+        print(f"{self.name}: generated {len(outs)} x {self.args.output_len} tokens in "
+              f"{elapsed:.3f} s", flush=True)
+        self.times.append(elapsed)
+
+    def _generate(self):
+        outs = self.llm.generate(self.batch, self.params, lora_request=self.loras, use_tqdm=False)
+        _sync()
+        return outs
+
+    def close(self) -> None:
+        self.llm.llm_engine.shutdown()
+        del self.llm
+        _free()
+
+
+def time_engines(specs: list[tuple[str, dict]], model: str, prompts: list[list[int]],
+                 args) -> list[tuple[str, list[float]]]:
+    """``specs``: (row name, TimedEngine keyword arguments). Single-rank
+    engines are all built first, then timed round-robin for
+    ``args.repeats`` rounds; multi-rank ones one after another."""
+    def build(name: str, kwargs: dict) -> TimedEngine:
+        return TimedEngine(name, model, prompts, args, **kwargs)
+
+    if args.tensor_parallel_size > 1:
+        results = []
+        for name, kwargs in specs:
+            engine = build(name, kwargs)
+            for _ in range(args.repeats):
+                engine.run()
+            results.append((name, engine.times))
+            engine.close()
+        return results
+    engines = [build(name, kwargs) for name, kwargs in specs]
+    for _ in range(args.repeats):
+        for engine in engines:
+            engine.run()
+    for engine in engines:
+        engine.close()
+    return [(e.name, e.times) for e in engines]
 
 
 def write_random_adapter(model: str, out: str, rank: int, seed: int) -> str:
@@ -179,8 +227,11 @@ def main() -> None:
                    help="time LoRA off / on with base requests / on with N adapters")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per configuration (the table shows the median)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                   help="profile each timed run; print the top ROWS ops by host and device time")
+                   help="profile the first timed run of each configuration; print the top ROWS "
+                        "ops by host and device time")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--compare-hf", action="store_true",
@@ -193,30 +244,34 @@ def main() -> None:
     vocab = min(AutoConfig.from_pretrained(model).vocab_size, 400)
     prompts = random_prompts(args.batch_size, args.input_len, vocab)
     label = f"vllm tp={args.tensor_parallel_size}{' ep' if args.enable_expert_parallel else ''}"
-    rows = [(label, run_engine(model, prompts, args.output_len, args))]
+    specs: list[tuple[str, dict]] = [(label, {})]
     if args.lora_comparison:
         from vllm.lora.request import LoRARequest
         n = args.lora_comparison
-        lora_kwargs = dict(enable_lora=True, max_loras=n, max_lora_rank=args.lora_rank)
-        rows.append(("lora on, base requests",
-                     run_engine(model, prompts, args.output_len, args, **lora_kwargs)))
+        lora_kwargs = {"enable_lora": True, "max_loras": n, "max_lora_rank": args.lora_rank}
         paths = [write_random_adapter(model, f"{model}-lora{i}-r{args.lora_rank}",
                                       args.lora_rank, seed=i) for i in range(n)]
         loras = [LoRARequest(f"a{i % n}", i % n + 1, paths[i % n]) for i in range(len(prompts))]
-        rows.append((f"lora on, {n} adapters",
-                     run_engine(model, prompts, args.output_len, args, loras, **lora_kwargs)))
+        specs += [("lora on, base requests", lora_kwargs),
+                  (f"lora on, {n} adapters", {**lora_kwargs, "loras": loras})]
+    rows = [(name, statistics.median(times), times)
+            for name, times in time_engines(specs, model, prompts, args)]
     if args.compare_hf:
-        rows.append(("transformers generate", run_hf(model, prompts, args.output_len, dtype)))
+        secs = run_hf(model, prompts, args.output_len, dtype)
+        rows.append(("transformers generate", secs, [secs]))
     n, out_tokens = len(prompts), len(prompts) * args.output_len
     base = rows[0][1]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nmodel {model} | device {device} | batch {n} | in {args.input_len} | "
-          f"out {args.output_len} | dtype {args.dtype}")
-    print(f"{'system':<26}{'seconds':>10}{'prompts/s':>12}{'out tok/s':>12}"
+          f"out {args.output_len} | dtype {args.dtype} | median of {args.repeats} "
+          f"{'alternating ' if args.tensor_parallel_size == 1 else ''}runs")
+    print(f"{'system':<26}{'seconds':>10}{'spread':>8}{'prompts/s':>12}{'out tok/s':>12}"
           f"{'vs first row':>14}")
-    for name, secs in rows:
-        print(f"{name:<26}{secs:>10.2f}{n / secs:>12.2f}{out_tokens / secs:>12.1f}"
-              f"{base / secs:>13.2f}x")
+    for name, secs, times in rows:
+        spread = (max(times) - min(times)) / secs
+        print(f"{name:<26}{secs:>10.3f}{spread:>7.0%} {n / secs:>11.2f}{out_tokens / secs:>12.1f}"
+              f"{base / secs:>13.3f}x")
+
 
 if __name__ == "__main__":
     main()
