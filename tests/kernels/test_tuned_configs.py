@@ -65,3 +65,26 @@ def test_tuner_picks_a_checked_config():
     entry = tune_tokens(H=64, I=32, E=4, k=2, T=6, space=space, dtype=torch.float32,
                         device="cpu", iters=1, mode="eager")
     assert entry["w13"]["BLOCK_SIZE_M"] == entry["w2"]["BLOCK_SIZE_M"] in (16, 32)
+
+
+def test_moe_lora_launch_follows_the_tuned_table_and_tuner(tuned_dir):
+    """The punica wrapper's MoE LoRA launch comes from a tuned file when one
+    exists for the layer, slots, rank and device (heuristics otherwise), and
+    the tuner writes entries whose configs it checked."""
+    from benchmarks.kernels.tune_moe_lora import tune_tokens as tune_lora
+    from vllm.lora.ops.triton_ops.moe_lora_configs import (moe_lora_config_filename,
+                                                           moe_lora_launch)
+    E, H, I, k, L, R = 4, 64, 32, 2, 2, 8
+    assert moe_lora_launch(3, k, E, H, I, R, R, L, torch.float32).block_size_m == 16
+    space = dict(m=[16, 32], k=[32], split=[1, 2], stages=[2], shrink_warps=[4], n=[32],
+                 expand_warps=[4])
+    entry = tune_lora(H, I, E, k, L, R, T=6, space=space, dtype=torch.float32, device="cpu",
+                      iters=1, mode="eager")
+    entry = {**entry, "block_size_m": 32}
+    entry["w2"]["shrink"] = {**entry["w2"]["shrink"], "SPLIT_K": 2}
+    name = moe_lora_config_filename(E, H, I, R, L, torch.float32, tuned_configs.device_key())
+    (tuned_dir / name).write_text(json.dumps({"6": entry}))
+    tuned_configs.load_table.cache_clear()
+    launch = moe_lora_launch(5, k, E, H, I, R, R, L, torch.float32)
+    assert launch.block_size_m == 32 and launch.w2_shrink["SPLIT_K"] == 2
+    assert moe_lora_launch(5, k, E, H, I, R, R, L + 1, torch.float32).block_size_m == 16

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm.lora.ops.triton_ops.fused_moe_lora import (fused_moe_lora_expand,
-                                                     fused_moe_lora_shrink, moe_lora_block_size,
-                                                     moe_lora_shrink_split)
+from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora_expand, fused_moe_lora_shrink
 from vllm.lora.ops.triton_ops.lora_ops import lora_expand, lora_shrink, lora_shrink_split
+from vllm.lora.ops.triton_ops.moe_lora_configs import MoELoRALaunch, moe_lora_launch
 from vllm.lora.punica_wrapper.base import PunicaWrapperBase
 from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_size
 
@@ -27,7 +26,7 @@ class MoELoRAAlignment:
     sorted_pair_ids: torch.Tensor      # [L, P]
     expert_ids: torch.Tensor           # [L, P // block]
     num_pairs_post_padded: torch.Tensor  # [L]
-    block_size: int
+    launch: MoELoRALaunch
 
 
 class TritonPunicaWrapper(PunicaWrapperBase):
@@ -48,36 +47,43 @@ class TritonPunicaWrapper(PunicaWrapperBase):
 
     def add_lora_w13(self, ctx, x, cache1, topk_ids):
         num_experts = ctx.w2_lora_a.shape[1]
-        block = moe_lora_block_size(topk_ids.numel(), num_experts, ctx.max_loras)
+        launch = moe_lora_launch(topk_ids.shape[0], ctx.top_k, num_experts, x.shape[1],
+                                 ctx.w2_lora_a.shape[3], ctx.max_rank, ctx.w13_rank,
+                                 ctx.max_loras, x.dtype)
+        block = launch.block_size_m
         alignment = MoELoRAAlignment(*moe_lora_align_block_size(
-            topk_ids, self.mapping.token_lora_slot, block, num_experts, ctx.max_loras), block)
-        combine = ctx.w13_shrink_combine
-        parts = 1 if combine else moe_lora_shrink_split(cache1.shape[0], x.shape[1],
-                                                         ctx.w13_rank, block, x.dtype)
-        inter = self.shrink_parts_buffer(parts, ctx.w13_num_slices, cache1.shape[0],
+            topk_ids, self.mapping.token_lora_slot, block, num_experts, ctx.max_loras), launch)
+        shrink = self._shrink_config(launch.w13_shrink, ctx.w13_shrink_combine)
+        inter = self.shrink_parts_buffer(shrink["SPLIT_K"], ctx.w13_num_slices, cache1.shape[0],
                                          ctx.w13_rank)
         fused_moe_lora_shrink(x, ctx.w13_lora_a, alignment.sorted_pair_ids, alignment.expert_ids,
                               alignment.num_pairs_post_padded, ctx.adapter_enabled, ctx.top_k,
-                              True, inter, block)
-        if combine is not None:
-            inter = combine(inter[0])
+                              True, inter, block, shrink)
+        if ctx.w13_shrink_combine is not None:
+            inter = ctx.w13_shrink_combine(inter[0])
         fused_moe_lora_expand(inter, ctx.w13_lora_b, alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
-                              ctx.adapter_enabled, cache1, ctx.w13_slice_offsets)
+                              ctx.adapter_enabled, cache1, ctx.w13_slice_offsets,
+                              config=launch.w13_expand)
         return alignment
 
     def add_lora_w2(self, ctx, cache2, cache3, topk_weights, alignment, mul_routed_weight):
-        combine = ctx.w2_shrink_combine
-        parts = 1 if combine else moe_lora_shrink_split(cache2.shape[0], cache2.shape[1],
-                                                         ctx.max_rank, alignment.block_size,
-                                                         cache2.dtype)
-        inter = self.shrink_parts_buffer(parts, 1, cache2.shape[0], ctx.max_rank)
+        launch = alignment.launch
+        shrink = self._shrink_config(launch.w2_shrink, ctx.w2_shrink_combine)
+        inter = self.shrink_parts_buffer(shrink["SPLIT_K"], 1, cache2.shape[0], ctx.max_rank)
         fused_moe_lora_shrink(cache2, [ctx.w2_lora_a], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
-                              ctx.adapter_enabled, ctx.top_k, False, inter, alignment.block_size)
-        if combine is not None:
-            inter = combine(inter[0])
+                              ctx.adapter_enabled, ctx.top_k, False, inter, launch.block_size_m,
+                              shrink)
+        if ctx.w2_shrink_combine is not None:
+            inter = ctx.w2_shrink_combine(inter[0])
         fused_moe_lora_expand(inter, [ctx.w2_lora_b], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, cache3, [ctx.w2_out_offset],
-                              topk_weights if mul_routed_weight else None)
+                              topk_weights if mul_routed_weight else None,
+                              config=launch.w2_expand)
+
+    @staticmethod
+    def _shrink_config(config: dict, combine) -> dict:
+        # a shrink combine (fully sharded LoRA) needs finished sums: no split
+        return config if combine is None else {**config, "SPLIT_K": 1}

@@ -177,12 +177,6 @@ def _grid_blocks(num_blocks: int, num_valid_pairs: int, num_experts: int, block:
     return max(1, min(num_blocks, bound))
 
 
-def moe_lora_shrink_split(num_pairs: int, K: int, R: int, block_size_m: int,
-                          dtype: torch.dtype) -> int:
-    """The SPLIT_K to size a shrink output with (parts of K summed by expand)."""
-    return moe_lora_shrink_config(num_pairs, K, R, block_size_m, dtype)["SPLIT_K"]
-
-
 def moe_lora_shrink_config(num_pairs: int, K: int, R: int, block_size_m: int,
                            dtype: torch.dtype) -> dict[str, int]:
     """Untuned launch parameters. With few pairs there are few (slot, expert)

@@ -1,0 +1,56 @@
+"""Launch parameters of one MoE layer's LoRA kernels for one step.
+
+A file written by ``benchmarks/kernels/tune_moe_lora.py`` for the layer's
+shape, adapter slots, rank, dtype and device (searched like the expert GEMM
+configs, see ``fused_moe/kernels/tuned_configs.py``) maps a token count to
+the alignment block and the shrink / expand configs of both projections::
+
+    {"64": {"block_size_m": 16, "w13": {"shrink": {...}, "expand": {...}}, "w2": {...}}}
+
+The entry of the nearest token count is used; without a file, the
+heuristics next to the kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm.lora.ops.triton_ops.fused_moe_lora import (moe_lora_block_size,
+                                                     moe_lora_expand_config,
+                                                     moe_lora_shrink_config)
+from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import device_key, load_table
+
+
+@dataclass(frozen=True)
+class MoELoRALaunch:
+    block_size_m: int
+    w13_shrink: dict[str, Any]
+    w13_expand: dict[str, Any]
+    w2_shrink: dict[str, Any]
+    w2_expand: dict[str, Any]
+
+
+def moe_lora_config_filename(E: int, H: int, I: int, rank: int, max_loras: int,
+                             dtype: torch.dtype, device: str) -> str:
+    return (f"moe_lora,E={E},H={H},I={I},R={rank},L={max_loras},"
+            f"dtype={str(dtype).removeprefix('torch.')},device={device}.json")
+
+
+def moe_lora_launch(num_tokens: int, top_k: int, E: int, H: int, I: int, rank: int,
+                    w13_rank: int, max_loras: int, dtype: torch.dtype) -> MoELoRALaunch:
+    """``rank``: the slots' rank; ``w13_rank``: the w13 shrink's output
+    width (smaller under fully sharded LoRA)."""
+    table = load_table(moe_lora_config_filename(E, H, I, rank, max_loras, dtype, device_key()))
+    if table:
+        entry = table[min(table, key=lambda t: (abs(t - num_tokens), t))]
+        return MoELoRALaunch(entry["block_size_m"], entry["w13"]["shrink"],
+                             entry["w13"]["expand"], entry["w2"]["shrink"],
+                             entry["w2"]["expand"])
+    pairs = num_tokens * top_k
+    block = moe_lora_block_size(pairs, E, max_loras)
+    return MoELoRALaunch(block, moe_lora_shrink_config(pairs, H, w13_rank, block, dtype),
+                         moe_lora_expand_config(I, block),
+                         moe_lora_shrink_config(pairs, I, rank, block, dtype),
+                         moe_lora_expand_config(H, block))
