@@ -25,6 +25,7 @@ from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import device_ke
 
 @dataclass(frozen=True)
 class MoELoRALaunch:
+    """The alignment block and the four kernel configs of one layer's step."""
     block_size_m: int
     w13_shrink: dict[str, Any]
     w13_expand: dict[str, Any]
