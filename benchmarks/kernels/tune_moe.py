@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -101,29 +102,41 @@ def check(x, w13, cache2, w2, topk_weights, aligned, cfg13, cfg2) -> None:
             raise SystemExit(f"config {cfg} is wrong: relative error {err:.3e}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def tuning_arguments(doc: str, spaces: dict) -> argparse.ArgumentParser:
+    """The command line both tuners share."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b"])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
-    p.add_argument("--space", default="quick", choices=sorted(SPACES))
+    p.add_argument("--space", default="quick", choices=sorted(spaces))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--mode", default="graph", choices=["graph", "eager"])
     p.add_argument("--out", default=CONFIG_DIR)
-    args = p.parse_args()
+    return p
+
+
+def tune_into_table(path: str, tokens: list[int], tune: Callable[[int], dict]) -> None:
+    """``tune(T)`` for each token count, merged into the JSON table at
+    ``path``; written after each count, so a long run keeps its results."""
+    table = json.load(open(path)) if os.path.isfile(path) else {}
+    for T in tokens:
+        table[str(T)] = tune(T)
+        with open(path, "w") as f:
+            json.dump(dict(sorted(table.items(), key=lambda kv: int(kv[0]))), f, indent=1)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    args = tuning_arguments(__doc__, SPACES).parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     os.makedirs(args.out, exist_ok=True)
     for shape in args.shapes:
         H, I, E, k = SHAPES[shape]
-        path = os.path.join(args.out, config_filename(E, H, I, dtype, device_key()))
-        table = json.load(open(path)) if os.path.isfile(path) else {}
-        for T in args.tokens:
-            table[str(T)] = tune_tokens(H, I, E, k, T, SPACES[args.space], dtype, device,
-                                        args.iters, args.mode)
-            with open(path, "w") as f:  # after each token count: a long run keeps its results
-                json.dump(dict(sorted(table.items(), key=lambda kv: int(kv[0]))), f, indent=1)
-        print(f"wrote {path}")
+        tune_into_table(
+            os.path.join(args.out, config_filename(E, H, I, dtype, device_key())), args.tokens,
+            lambda T: tune_tokens(H, I, E, k, T, SPACES[args.space], dtype, device, args.iters,
+                                  args.mode))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ file after each token count. Default output: the package's
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -29,12 +28,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from benchmarks.kernels.benchmark_moe_lora import SHAPES  # noqa: E402
 from benchmarks.kernels.timing import time_fn  # noqa: E402
+from benchmarks.kernels.tune_moe import tune_into_table, tuning_arguments  # noqa: E402
 from vllm.lora.ops import torch_ops  # noqa: E402
 from vllm.lora.ops.triton_ops.fused_moe_lora import (fused_moe_lora_expand,  # noqa: E402
                                                      fused_moe_lora_shrink)
 from vllm.lora.ops.triton_ops.moe_lora_configs import moe_lora_config_filename  # noqa: E402
-from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (  # noqa: E402
-    CONFIG_DIR, device_key)
+from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import device_key  # noqa: E402
 from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_size  # noqa: E402
 from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_experts  # noqa: E402
 
@@ -145,31 +144,20 @@ def tune_tokens(H: int, I: int, E: int, k: int, L: int, R: int, T: int, space: d
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b"])
+    p = tuning_arguments(__doc__, SPACES)
     p.add_argument("--adapters", type=int, default=4, help="adapter slots (--max-loras)")
     p.add_argument("--rank", type=int, default=16, help="slot rank (--max-lora-rank)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
-    p.add_argument("--space", default="quick", choices=sorted(SPACES))
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--mode", default="graph", choices=["graph", "eager"])
-    p.add_argument("--out", default=CONFIG_DIR)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     os.makedirs(args.out, exist_ok=True)
+    L, R = args.adapters, args.rank
     for shape in args.shapes:
         H, I, E, k = SHAPES[shape]
-        name = moe_lora_config_filename(E, H, I, args.rank, args.adapters, dtype, device_key())
-        path = os.path.join(args.out, name)
-        table = json.load(open(path)) if os.path.isfile(path) else {}
-        for T in args.tokens:
-            table[str(T)] = tune_tokens(H, I, E, k, args.adapters, args.rank, T,
-                                        SPACES[args.space], dtype, device, args.iters, args.mode)
-            with open(path, "w") as f:  # after each token count: a long run keeps its results
-                json.dump(dict(sorted(table.items(), key=lambda kv: int(kv[0]))), f, indent=1)
-        print(f"wrote {path}")
+        name = moe_lora_config_filename(E, H, I, R, L, dtype, device_key())
+        tune_into_table(os.path.join(args.out, name), args.tokens,
+                        lambda T: tune_tokens(H, I, E, k, L, R, T, SPACES[args.space], dtype,
+                                              device, args.iters, args.mode))
 
 
 if __name__ == "__main__":
