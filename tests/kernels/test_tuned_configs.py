@@ -19,10 +19,13 @@ def cfg(block_m, n=32):
 
 @pytest.fixture
 def tuned_dir(tmp_path, monkeypatch):
+    from vllm.lora.ops.triton_ops.moe_lora_configs import moe_lora_launch
     monkeypatch.setenv("VLLM_TUNED_CONFIG_DIR", str(tmp_path))
     tuned_configs.load_table.cache_clear()
+    moe_lora_launch.cache_clear()
     yield tmp_path
     tuned_configs.load_table.cache_clear()
+    moe_lora_launch.cache_clear()
 
 
 def write_table(directory, E, H, I, dtype, table):
@@ -85,6 +88,7 @@ def test_moe_lora_launch_follows_the_tuned_table_and_tuner(tuned_dir):
     name = moe_lora_config_filename(E, H, I, R, L, torch.float32, tuned_configs.device_key())
     (tuned_dir / name).write_text(json.dumps({"6": entry}))
     tuned_configs.load_table.cache_clear()
+    moe_lora_launch.cache_clear()
     launch = moe_lora_launch(5, k, E, H, I, R, R, L, torch.float32)
     assert launch.block_size_m == 32 and launch.w2_shrink["SPLIT_K"] == 2
     assert moe_lora_launch(5, k, E, H, I, R, R, L + 1, torch.float32).block_size_m == 16

@@ -12,6 +12,7 @@ heuristics next to the kernels.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ def moe_lora_config_filename(E: int, H: int, I: int, rank: int, max_loras: int,
             f"dtype={str(dtype).removeprefix('torch.')},device={device}.json")
 
 
+@functools.lru_cache(maxsize=4096)  # asked per MoE layer per eager step
 def moe_lora_launch(num_tokens: int, top_k: int, E: int, H: int, I: int, rank: int,
                     w13_rank: int, max_loras: int, dtype: torch.dtype) -> MoELoRALaunch:
     """``rank``: the slots' rank; ``w13_rank``: the w13 shrink's output
