@@ -32,6 +32,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # where it is built, else Triton on CUDA, else torch), "native", "triton"
     # or "torch".
     "VLLM_MOE_OPS_IMPL": _str("VLLM_MOE_OPS_IMPL", "auto"),
+    # Where the Triton experts compute MoE LoRA: "auto" (per step size),
+    # "gemm" (shrink and expand inside the expert GEMMs), "epilogue" (shrink
+    # kernels, expand inside the GEMMs) or "off" (separate kernels).
+    "VLLM_MOE_LORA_FUSION": _str("VLLM_MOE_LORA_FUSION", "auto"),
     # Directory holding tuned Triton kernel configurations (overrides the
     # ones shipped in the package).
     "VLLM_TUNED_CONFIG_DIR": _str("VLLM_TUNED_CONFIG_DIR", None),

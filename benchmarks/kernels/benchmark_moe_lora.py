@@ -5,6 +5,8 @@ bytes ceiling on retention — measured side by side in one run.
     python benchmarks/kernels/benchmark_moe_lora.py                       # H100 defaults
     python benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --tokens 1 8 32 \
         --adapters 4 --ranks 16 --mode graph
+    python benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 \
+        --ranks 16 --mode graph --fusion gemm epilogue off    # where LoRA is computed
     python benchmarks/kernels/benchmark_moe_lora.py --shapes tiny --backend torch   # CPU
 
 Every configuration is first checked against the torch reference (the
@@ -107,7 +109,7 @@ def experts_classes(quant: str, backend: str):
 
 
 def build(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0,
-          quant: str = "none"):
+          quant: str = "none", fusion: str = "auto"):
     H, I, E, k = SHAPES[case.shape]
     g = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -131,10 +133,11 @@ def build(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int =
         w2_lora_a=rnd(L, E, R, I, scale=I ** -0.5), w2_lora_b=rnd(L, E, H, R, scale=0.05))
     slots = [t % L for t in range(case.tokens)]
     if backend == "triton":
-        from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper as Punica
+        from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper
+        punica = TritonPunicaWrapper(L, torch.device(device), moe_lora_fusion=fusion)
     else:
-        from vllm.lora.punica_wrapper.torch_wrapper import TorchPunicaWrapper as Punica
-    punica = Punica(L, torch.device(device))
+        from vllm.lora.punica_wrapper.torch_wrapper import TorchPunicaWrapper
+        punica = TorchPunicaWrapper(L, torch.device(device))
     punica.update_mapping(slots)
     ctx = MoELoRAContext(**ctx_tensors, adapter_enabled=torch.ones(L, dtype=torch.int32,
                                                                     device=device),
@@ -157,11 +160,12 @@ def bytes_moved(case: Case, topk_ids: torch.Tensor, slots: list[int], elem: int,
     return base, lora
 
 
-def check(case, backend, device, dtype, quant: str = "none") -> float:
+def check(case, backend, device, dtype, quant: str = "none", fusion: str = "auto") -> float:
     """Relative error of backend + LoRA against the torch reference (the
     torch experts of the same weight format, LoRA through torch ops)."""
     from vllm.lora.punica_wrapper.torch_wrapper import TorchPunicaWrapper
-    cfg, experts, w, x, tw, ids, ctx, slots = build(case, backend, device, dtype, quant=quant)
+    cfg, experts, w, x, tw, ids, ctx, slots = build(case, backend, device, dtype, quant=quant,
+                                                    fusion=fusion)
     out = torch.full_like(x, float("nan"))
     experts.apply(out, x, w, tw, ids, lora_context=ctx)
     ref_punica = TorchPunicaWrapper(ctx.max_loras, torch.device(device))
@@ -204,6 +208,10 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=2e-2)
     p.add_argument("--quant", default="none", choices=QUANT_SCHEMES,
                    help="expert weight format (LoRA factors stay in --dtype)")
+    p.add_argument("--fusion", nargs="+", default=["auto"],
+                   choices=["auto", "gemm", "epilogue", "off"],
+                   help="where the Triton experts compute LoRA (VLLM_MOE_LORA_FUSION); "
+                        "several values are timed side by side")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = args.backend or ("triton" if device == "cuda" else "torch")
@@ -213,10 +221,11 @@ def main() -> None:
 
     failures = []
     for case in cases:
-        err = check(Case(case.shape, min(case.tokens, 64), case.adapters, case.rank), backend,
-                    device, dtype, args.quant)
-        if not err < args.tolerance:
-            failures.append(f"{case}: relative error {err:.3e}")
+        for fusion in args.fusion:
+            err = check(Case(case.shape, min(case.tokens, 64), case.adapters, case.rank), backend,
+                        device, dtype, args.quant, fusion)
+            if not err < args.tolerance:
+                failures.append(f"{case} fusion {fusion}: relative error {err:.3e}")
     if failures:
         print("MISMATCH against the torch reference:\n" + "\n".join(failures))
         sys.exit(1)
@@ -228,7 +237,8 @@ def main() -> None:
     print(f"\ndevice {name} | backend {backend} | experts {args.quant} | "
           f"{str(dtype).replace('torch.', '')} | copy bandwidth "
           f"{bw / 1e12:.2f} TB/s (read + write)")
-    header = (f"{'shape':<15}{'mode':<7}{'tok':>6}{'ad':>4}{'r':>4}{'base ms':>9}{'+lora ms':>10}"
+    header = (f"{'shape':<15}{'mode':<7}{'fusion':<9}{'tok':>6}{'ad':>4}{'r':>4}{'base ms':>9}"
+              f"{'+lora ms':>10}"
               f"{'retain':>8}{'ceiling':>8}{'MB base':>9}{'MB lora':>9}{'bw base':>8}{'bw all':>8}")
     print(header)
     for mode in args.mode:
@@ -237,15 +247,19 @@ def main() -> None:
                                                             quant=args.quant)
             out = torch.empty_like(x)
             base_ms = time_fn(lambda: experts.apply(out, x, w, tw, ids), mode, device, args.iters)
-            lora_ms = time_fn(lambda: experts.apply(out, x, w, tw, ids, lora_context=ctx), mode,
-                              device, args.iters)
             weight_bytes = {"none": None, "int4": 0.5}.get(args.quant, 1.0)
             base_b, lora_b = bytes_moved(case, ids, slots, elem, weight_bytes)
             frac = lambda nbytes, ms: nbytes / (ms / 1e3) / bw  # noqa: E731
-            print(f"{case.shape:<15}{mode:<7}{case.tokens:>6}{case.adapters:>4}{case.rank:>4}"
-                  f"{base_ms:>9.3f}{lora_ms:>10.3f}{base_ms / lora_ms:>8.2f}"
-                  f"{base_b / (base_b + lora_b):>8.2f}{base_b / 1e6:>9.1f}{lora_b / 1e6:>9.2f}"
-                  f"{frac(base_b, base_ms):>8.2f}{frac(base_b + lora_b, lora_ms):>8.2f}")
+            for fusion in args.fusion:
+                if backend == "triton":
+                    ctx.punica.moe_lora_fusion = fusion
+                lora_ms = time_fn(lambda: experts.apply(out, x, w, tw, ids, lora_context=ctx),
+                                  mode, device, args.iters)
+                print(f"{case.shape:<15}{mode:<7}{fusion:<9}{case.tokens:>6}{case.adapters:>4}"
+                      f"{case.rank:>4}{base_ms:>9.3f}{lora_ms:>10.3f}{base_ms / lora_ms:>8.2f}"
+                      f"{base_b / (base_b + lora_b):>8.2f}{base_b / 1e6:>9.1f}"
+                      f"{lora_b / 1e6:>9.2f}{frac(base_b, base_ms):>8.2f}"
+                      f"{frac(base_b + lora_b, lora_ms):>8.2f}")
 
 
 if __name__ == "__main__":

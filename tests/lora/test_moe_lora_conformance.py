@@ -6,6 +6,7 @@ the adapter merged into each expert's weights. (A backend that silently
 dropped LoRA would fail the first check.)
 """
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -21,7 +22,12 @@ from vllm.model_executor.layers.fused_moe.oracle import all_experts_backends
 LORA_BACKENDS = [c for c in all_experts_backends() if c.supports_lora()]
 
 
-PUNICA = {"torch": TorchPunicaWrapper, "triton": TritonPunicaWrapper}
+# The Triton wrapper in each place TritonExperts can compute LoRA: inside
+# its GEMMs ("auto" at this size), shrink kernels + expand in the GEMMs'
+# epilogue, and separate kernels (what the quantized classes always use).
+PUNICA = {"torch": TorchPunicaWrapper, "triton": TritonPunicaWrapper,
+          "triton-epilogue": functools.partial(TritonPunicaWrapper, moe_lora_fusion="epilogue"),
+          "triton-off": functools.partial(TritonPunicaWrapper, moe_lora_fusion="off")}
 
 
 def make_case(activation, slices, device, dtype, seed=0, E=6, H=32, I=16, L=3, R=8, T=11, k=2):

@@ -79,5 +79,16 @@ class PunicaWrapperBase(ABC):
         """cache3[pair] += cache2[pair] @ A2[slot, e].T @ B2[slot, e].T, times the pair's
         routing weight when ``mul_routed_weight``."""
 
+    def moe_lora_w13_in_gemm(self, ctx: MoELoRAContext, x: torch.Tensor,
+                             topk_ids: torch.Tensor) -> tuple[Any, Any] | None:
+        """For experts whose GEMMs add LoRA themselves: (w13 operands for GEMM 1,
+        state for ``moe_lora_w2_in_gemm``), or None when this step's LoRA must
+        go through ``add_lora_w13`` / ``add_lora_w2``."""
+        return None
+
+    def moe_lora_w2_in_gemm(self, ctx: MoELoRAContext, cache2: torch.Tensor, state: Any) -> Any:
+        """The w2 operands for GEMM 2, after ``moe_lora_w13_in_gemm``."""
+        raise NotImplementedError(f"{type(self).__name__} has no in-GEMM MoE LoRA")
+
     def shrink_buffer(self, num_slices: int, rows: int, rank: int) -> torch.Tensor:
         return torch.zeros(num_slices, rows, rank, dtype=torch.float32, device=self.device)

@@ -4,6 +4,10 @@ The MoE deltas reuse one alignment for both projections: pairs sorted per
 adapter slot and expert in blocks (``moe_lora_align_block_size``), computed
 in ``add_lora_w13`` and handed back for ``add_lora_w2``.
 
+Experts whose GEMMs can add LoRA themselves (``moe_lora_in_gemm``) ask
+``moe_lora_w13_in_gemm`` / ``moe_lora_w2_in_gemm`` instead: the operands
+for the GEMM, after running the shrinks where the GEMM does not.
+
 Shrink outputs hold ``SPLIT_K`` partial sums that expand adds up (one shrink
 launch even when K is split). A shrink combine (fully sharded LoRA) needs
 the finished sums, so shrinks followed by one are not split.
@@ -14,11 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm import envs
 from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora_expand, fused_moe_lora_shrink
 from vllm.lora.ops.triton_ops.lora_ops import lora_expand, lora_shrink, lora_shrink_split
 from vllm.lora.ops.triton_ops.moe_lora_configs import MoELoRALaunch, moe_lora_launch
+from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MAX_FUSED_WIDTH, MoELoRAGemmFusion,
+                                                        fused_width)
 from vllm.lora.punica_wrapper.base import PunicaWrapperBase
 from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_size
+
+
+FUSION_CHOICES = ("auto", "gemm", "epilogue", "off")
 
 
 @dataclass
@@ -30,6 +40,16 @@ class MoELoRAAlignment:
 
 
 class TritonPunicaWrapper(PunicaWrapperBase):
+    def __init__(self, max_loras: int, device: torch.device, max_num_tokens: int = 0,
+                 moe_lora_fusion: str | None = None):
+        super().__init__(max_loras, device, max_num_tokens)
+        # VLLM_MOE_LORA_FUSION: where experts that can compute LoRA inside their
+        # GEMMs do so (auto, gemm, epilogue or off)
+        self.moe_lora_fusion = moe_lora_fusion or envs.VLLM_MOE_LORA_FUSION
+        if self.moe_lora_fusion not in FUSION_CHOICES:
+            raise ValueError(f"unknown MoE LoRA fusion {self.moe_lora_fusion!r}; choose from "
+                             f"{', '.join(FUSION_CHOICES)}")
+
     def shrink_parts_buffer(self, parts: int, num_slices: int, rows: int,
                             rank: int) -> torch.Tensor:
         # the kernels write every row they later read
@@ -45,29 +65,91 @@ class TritonPunicaWrapper(PunicaWrapperBase):
             inter = combine_shrink(inter[0])
         lora_expand(inter, lora_b, self.mapping, y, slice_offsets)
 
+    # -- MoE: separate shrink / expand kernels --------------------------------
     def add_lora_w13(self, ctx, x, cache1, topk_ids):
-        num_experts = ctx.w2_lora_a.shape[1]
-        launch = moe_lora_launch(topk_ids.shape[0], ctx.top_k, num_experts, x.shape[1],
-                                 ctx.w2_lora_a.shape[3], ctx.max_rank, ctx.w13_rank,
-                                 ctx.max_loras, x.dtype)
+        alignment, inter = self._align_and_shrink_w13(ctx, x, topk_ids,
+                                                      self._moe_launch(ctx, x, topk_ids))
+        fused_moe_lora_expand(inter, ctx.w13_lora_b, alignment.sorted_pair_ids,
+                              alignment.expert_ids, alignment.num_pairs_post_padded,
+                              ctx.adapter_enabled, cache1, ctx.w13_slice_offsets,
+                              config=alignment.launch.w13_expand)
+        return alignment
+
+    def add_lora_w2(self, ctx, cache2, cache3, topk_weights, alignment, mul_routed_weight):
+        inter = self._shrink_w2(ctx, cache2, alignment)
+        fused_moe_lora_expand(inter, [ctx.w2_lora_b], alignment.sorted_pair_ids,
+                              alignment.expert_ids, alignment.num_pairs_post_padded,
+                              ctx.adapter_enabled, cache3, [ctx.w2_out_offset],
+                              topk_weights if mul_routed_weight else None,
+                              config=alignment.launch.w2_expand)
+
+    # -- MoE: LoRA inside the expert GEMMs (moe_lora_in_gemm) -----------------
+    def moe_lora_w13_in_gemm(self, ctx, x, topk_ids):
+        launch = self._moe_launch(ctx, x, topk_ids)
+        mode = self._in_gemm_mode(ctx, launch, 2 * ctx.w2_lora_a.shape[3], x.shape[1])
+        if mode is None:
+            return None
+        if mode == "gemm":
+            return self._fusion(ctx, ctx.w13_lora_b, ctx.w13_slice_offsets,
+                                lora_a=ctx.w13_lora_a), None
+        alignment, inter = self._align_and_shrink_w13(ctx, x, topk_ids, launch)
+        return self._fusion(ctx, ctx.w13_lora_b, ctx.w13_slice_offsets, inter=inter), alignment
+
+    def moe_lora_w2_in_gemm(self, ctx, cache2, alignment):
+        if alignment is None:
+            return self._fusion(ctx, [ctx.w2_lora_b], [ctx.w2_out_offset],
+                                lora_a=[ctx.w2_lora_a])
+        return self._fusion(ctx, [ctx.w2_lora_b], [ctx.w2_out_offset],
+                            inter=self._shrink_w2(ctx, cache2, alignment))
+
+    def _in_gemm_mode(self, ctx, launch: MoELoRALaunch, w13_width: int,
+                      hidden: int) -> str | None:
+        """"gemm", "epilogue" or None (separate kernels) for this step."""
+        if self.moe_lora_fusion == "off":
+            return None
+        if fused_width(ctx.max_loras, ctx.max_rank) > MAX_FUSED_WIDTH:
+            return None
+        bounds = [b for off, w in zip(ctx.w13_slice_offsets, ctx.w13_lora_b)
+                  for b in (off, off + w.shape[2]) if 0 < b < w13_width]
+        bounds += [b for b in (ctx.w2_out_offset, ctx.w2_out_offset + ctx.w2_lora_b.shape[2])
+                   if 0 < b < hidden]
+        if any(b % 16 for b in bounds):
+            return None  # some column block would straddle a slice
+        # a shrink combine (fully sharded LoRA) runs between shrink and expand
+        combined = ctx.w13_shrink_combine is not None or ctx.w2_shrink_combine is not None
+        if self.moe_lora_fusion == "epilogue" or combined:
+            return "epilogue"
+        if self.moe_lora_fusion == "gemm" or launch.shrink_in_gemm:
+            return "gemm"
+        return "epilogue"
+
+    def _fusion(self, ctx, lora_b, slice_offsets, **shrink) -> MoELoRAGemmFusion:
+        return MoELoRAGemmFusion(self.mapping.token_lora_slot, ctx.adapter_enabled, lora_b,
+                                 slice_offsets, ctx.top_k, **shrink)
+
+    # -- MoE: shared steps ------------------------------------------------------
+    def _moe_launch(self, ctx, x, topk_ids) -> MoELoRALaunch:
+        return moe_lora_launch(topk_ids.shape[0], ctx.top_k, ctx.w2_lora_a.shape[1], x.shape[1],
+                               ctx.w2_lora_a.shape[3], ctx.max_rank, ctx.w13_rank,
+                               ctx.max_loras, x.dtype)
+
+    def _align_and_shrink_w13(self, ctx, x, topk_ids, launch: MoELoRALaunch
+                              ) -> tuple[MoELoRAAlignment, torch.Tensor]:
         block = launch.block_size_m
         alignment = MoELoRAAlignment(*moe_lora_align_block_size(
-            topk_ids, self.mapping.token_lora_slot, block, num_experts, ctx.max_loras), launch)
+            topk_ids, self.mapping.token_lora_slot, block, ctx.w2_lora_a.shape[1],
+            ctx.max_loras), launch)
         shrink = self._shrink_config(launch.w13_shrink, ctx.w13_shrink_combine)
-        inter = self.shrink_parts_buffer(shrink["SPLIT_K"], ctx.w13_num_slices, cache1.shape[0],
+        inter = self.shrink_parts_buffer(shrink["SPLIT_K"], ctx.w13_num_slices, topk_ids.numel(),
                                          ctx.w13_rank)
         fused_moe_lora_shrink(x, ctx.w13_lora_a, alignment.sorted_pair_ids, alignment.expert_ids,
                               alignment.num_pairs_post_padded, ctx.adapter_enabled, ctx.top_k,
                               True, inter, block, shrink)
         if ctx.w13_shrink_combine is not None:
             inter = ctx.w13_shrink_combine(inter[0])
-        fused_moe_lora_expand(inter, ctx.w13_lora_b, alignment.sorted_pair_ids,
-                              alignment.expert_ids, alignment.num_pairs_post_padded,
-                              ctx.adapter_enabled, cache1, ctx.w13_slice_offsets,
-                              config=launch.w13_expand)
-        return alignment
+        return alignment, inter
 
-    def add_lora_w2(self, ctx, cache2, cache3, topk_weights, alignment, mul_routed_weight):
+    def _shrink_w2(self, ctx, cache2, alignment: MoELoRAAlignment) -> torch.Tensor:
         launch = alignment.launch
         shrink = self._shrink_config(launch.w2_shrink, ctx.w2_shrink_combine)
         inter = self.shrink_parts_buffer(shrink["SPLIT_K"], 1, cache2.shape[0], ctx.max_rank)
@@ -77,11 +159,7 @@ class TritonPunicaWrapper(PunicaWrapperBase):
                               shrink)
         if ctx.w2_shrink_combine is not None:
             inter = ctx.w2_shrink_combine(inter[0])
-        fused_moe_lora_expand(inter, [ctx.w2_lora_b], alignment.sorted_pair_ids,
-                              alignment.expert_ids, alignment.num_pairs_post_padded,
-                              ctx.adapter_enabled, cache3, [ctx.w2_out_offset],
-                              topk_weights if mul_routed_weight else None,
-                              config=launch.w2_expand)
+        return inter
 
     @staticmethod
     def _shrink_config(config: dict, combine) -> dict:

@@ -10,6 +10,8 @@ unquantized activations. Triton is imported only inside the GEMMs: these
 modules must import without it."""
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from vllm.model_executor.layers.activation import gated_activation
@@ -24,6 +26,8 @@ class TritonGroupedExperts(FusedMoEExperts):
     folded in), w2 LoRA, sum over each token's k experts."""
     priority = 10
     supports_cuda_graphs = True
+    # Whether gemm() takes a ``lora`` (MoELoRAGemmFusion) and adds it itself.
+    gemm_adds_lora: ClassVar[bool] = False
 
     @classmethod
     def supports_lora(cls) -> bool:
@@ -41,9 +45,12 @@ class TritonGroupedExperts(FusedMoEExperts):
         return None
 
     def gemm(self, a: torch.Tensor, weights: ExpertWeights, which: str, out: torch.Tensor,
-             aligned: dict, gather_rows: bool, topk_weights: torch.Tensor | None = None) -> None:
+             aligned: dict, gather_rows: bool, topk_weights: torch.Tensor | None = None,
+             lora: Any = None) -> None:
         """``out[p] = (a[row(p)] @ W_e.T + bias_e) (* topk_weights[p])`` for the
-        ``which`` ("w13" or "w2") weights of each aligned pair's expert."""
+        ``which`` ("w13" or "w2") weights of each aligned pair's expert, plus
+        the pair's LoRA delta when ``lora`` (a ``MoELoRAGemmFusion``) is given;
+        apply() gives one only where ``gemm_adds_lora``."""
         raise NotImplementedError
 
     def block_size(self, num_tokens: int) -> int:
@@ -65,11 +72,18 @@ class TritonGroupedExperts(FusedMoEExperts):
         aligned = dict(sorted_pair_ids=sorted_pair_ids, expert_ids=expert_ids,
                        num_pairs_post_padded=num_pairs_post_padded, top_k=k)
 
+        # LoRA inside the GEMMs where this class and the step allow it
+        in_gemm = None
+        if lora_context is not None and self.gemm_adds_lora:
+            in_gemm = lora_context.punica.moe_lora_w13_in_gemm(lora_context, x, ids)
+        lora13, state = in_gemm if in_gemm is not None else (None, None)
+
         # (b) GEMM 1: cache1[t*k + j] = x[t] @ w13[e].T (+ bias)
         cache1 = x.new_empty(T * k, 2 * self.moe.intermediate_size)
-        self.gemm(x, weights, "w13", cache1, aligned, gather_rows=True)
+        self.gemm(x, weights, "w13", cache1, aligned, gather_rows=True, lora=lora13)
         # (c) LoRA on the unquantized x
-        alignment = self.apply_w13_lora(lora_context, x, cache1, ids)
+        if in_gemm is None:
+            state = self.apply_w13_lora(lora_context, x, cache1, ids)
 
         # (d)
         cache2 = gated_activation(cache1, act.kind, act.interleaved, act.alpha, act.limit)
@@ -80,11 +94,15 @@ class TritonGroupedExperts(FusedMoEExperts):
             cache3 = x.new_empty(T * k, self.moe.hidden_size)
         else:
             cache3 = x.new_zeros(T * k, self.moe.hidden_size)
+        lora2 = None
+        if in_gemm is not None:
+            lora2 = lora_context.punica.moe_lora_w2_in_gemm(lora_context, cache2, state)
         self.gemm(cache2, weights, "w2", cache3, aligned, gather_rows=False,
-                  topk_weights=topk_weights)
+                  topk_weights=topk_weights, lora=lora2)
         # (f) LoRA on the unquantized cache2
-        self.apply_w2_lora(lora_context, cache2, cache3, topk_weights, alignment,
-                           mul_routed_weight=True)
+        if in_gemm is None:
+            self.apply_w2_lora(lora_context, cache2, cache3, topk_weights, state,
+                               mul_routed_weight=True)
 
         # (g)
         torch.sum(cache3.view(T, k, self.moe.hidden_size), dim=1, out=output)
@@ -92,8 +110,10 @@ class TritonGroupedExperts(FusedMoEExperts):
 
 class TritonExperts(TritonGroupedExperts):
     """Unquantized experts on CUDA, with tuned launch configurations where
-    the package has them for this device and shape (kernels/tuned_configs.py)."""
+    the package has them for this device and shape (kernels/tuned_configs.py).
+    Its GEMMs add MoE LoRA themselves (lora/ops/triton_ops/moe_lora_in_gemm.py)."""
     name = "triton"
+    gemm_adds_lora = True
 
     def _configs(self, num_tokens: int) -> tuple[dict, dict]:
         from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (
@@ -105,7 +125,7 @@ class TritonExperts(TritonGroupedExperts):
     def block_size(self, num_tokens: int) -> int:
         return self._configs(num_tokens)[0]["BLOCK_SIZE_M"]
 
-    def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None):
+    def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None, lora=None):
         from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (
             invoke_fused_moe_gemm)
         w13 = which == "w13"
@@ -113,4 +133,4 @@ class TritonExperts(TritonGroupedExperts):
         config = self._configs(num_tokens)[0 if w13 else 1]
         invoke_fused_moe_gemm(a, weights.w13 if w13 else weights.w2, out, gather_rows=gather_rows,
                               bias=weights.w13_bias if w13 else weights.w2_bias,
-                              topk_weights=topk_weights, config=config, **aligned)
+                              topk_weights=topk_weights, config=config, lora=lora, **aligned)

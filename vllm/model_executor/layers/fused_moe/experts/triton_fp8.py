@@ -31,7 +31,7 @@ class TritonFp8Experts(TritonGroupedExperts):
             raise RuntimeError("triton FP8 experts run W8A8 schemes only")
         super().apply(output, hidden_states, weights, topk_weights, topk_ids, **kwargs)
 
-    def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None):
+    def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None, lora=None):
         from vllm.model_executor.layers.fused_moe.kernels.fused_moe_w8a8 import (
             invoke_fused_moe_w8a8_gemm)
         quant = weights.quant

@@ -20,7 +20,7 @@ class TritonWeightOnlyExperts(TritonGroupedExperts):
             reason = f"needs power-of-two groups >= 16, not {moe.quant_group_size}"
         return reason
 
-    def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None):
+    def gemm(self, a, weights, which, out, aligned, gather_rows, topk_weights=None, lora=None):
         from vllm.model_executor.layers.fused_moe.kernels.fused_moe_weight_only import (
             invoke_fused_moe_weight_only_gemm)
         quant = weights.quant

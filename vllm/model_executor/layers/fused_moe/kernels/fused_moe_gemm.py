@@ -15,6 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MoELoRAGemmFusion, fusion_block_n,
+                                                        lora_block_setup, lora_done_shrink_tile,
+                                                        lora_expand_into, lora_kernel_args,
+                                                        lora_shrink_factor_tile,
+                                                        moe_lora_gemm_delta_torch,
+                                                        no_lora_kernel_args)
 from vllm.model_executor.layers.fused_moe.kernels.moe_tile import moe_tile, moe_tile_store
 
 
@@ -25,9 +31,14 @@ def _fused_moe_gemm_kernel(
         N, K, num_valid_pairs, num_padded_pairs, top_k,
         stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
         stride_bias_e, stride_bias_n,
+        lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
+        lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, stride_lar, stride_lak,
+        stride_lbn, stride_lbr, stride_li_part, stride_li_s, stride_li_p, stride_li_r,
         GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
-        BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+        BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, LORA_MODE: tl.constexpr,
+        LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
+        LORA_PRECISION: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
         sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
@@ -35,6 +46,13 @@ def _fused_moe_gemm_kernel(
     if not active:
         return
     offs_k = tl.arange(0, BLOCK_SIZE_K)
+    if LORA_MODE != 0:  # see vllm/lora/ops/triton_ops/moe_lora_in_gemm.py
+        (row_slot, col_slot, col_r, col_mask, lora_s, lora_a_ptr, stride_lal, lora_b_ptr,
+         stride_lbl, lora_col_off, lora_n) = lora_block_setup(
+            lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
+            lora_b_meta_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask, top_k,
+            offs_n, LORA_MODE, LORA_BLOCK_L, LORA_BLOCK_R)
+        lora_acc = tl.zeros((BLOCK_SIZE_M, LORA_BLOCK_L * LORA_BLOCK_R), dtype=tl.float32)
 
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
     # B[e] is [N, K]; reading it as a K x N tile computes a @ B[e].T.
@@ -46,9 +64,23 @@ def _fused_moe_gemm_kernel(
         a = tl.load(a_ptrs, mask=pair_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if LORA_MODE == 1:
+            lora_a = lora_shrink_factor_tile(lora_a_ptr, stride_lal, col_slot, col_r, col_mask,
+                                             kb * BLOCK_SIZE_K, K, stride_lar, stride_lak,
+                                             BLOCK_SIZE_K)
+            lora_acc = tl.dot(a, lora_a, lora_acc, input_precision=LORA_PRECISION)
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
 
+    if LORA_MODE == 2:
+        lora_acc = lora_done_shrink_tile(lora_inter_ptr, lora_s, pair, pair_mask, row_slot,
+                                         col_slot, col_r, col_mask, stride_li_part, stride_li_s,
+                                         stride_li_p, stride_li_r, LORA_SPLIT_K, BLOCK_SIZE_M,
+                                         LORA_BLOCK_L * LORA_BLOCK_R)
+    if LORA_MODE != 0:
+        acc = lora_expand_into(acc, lora_acc, row_slot, col_slot, col_r, col_mask, lora_b_ptr,
+                               stride_lbl, lora_col_off, lora_n, offs_n, n_mask, stride_lbn,
+                               stride_lbr, LORA_PRECISION)
     moe_tile_store(acc, c_ptr, bias_ptr, topk_weights_ptr, expert, pair, pair_mask, offs_n, n_mask,
                    stride_cm, stride_cn, stride_bias_e, stride_bias_n, HAS_BIAS, MUL_ROUTED_WEIGHT)
 
@@ -95,12 +127,17 @@ def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                           num_pairs_post_padded: torch.Tensor, top_k: int, gather_rows: bool,
                           bias: torch.Tensor | None = None,
                           topk_weights: torch.Tensor | None = None,
-                          config: dict[str, Any] | None = None) -> None:
+                          config: dict[str, Any] | None = None,
+                          lora: MoELoRAGemmFusion | None = None) -> None:
     """``c[p] = (a[row(p)] @ b[e].T + bias[e]) * topk_weights.flatten()[p]``
     for every aligned pair p of expert e, with ``row(p) = p // top_k`` when
     ``gather_rows`` (a is [T, K]) else ``p`` (a is [T*k, K]). c is [T*k, N]:
     its row count is the sentinel pair id. Rows of c whose pair is in no
     block (or in a block of expert -1) are not written.
+
+    ``lora`` adds the pair's adapter delta to ``a[row(p)] @ b[e].T`` before
+    bias and weight (see ``moe_lora_in_gemm``); the column block may then
+    shrink so that no block straddles a slice.
 
     The config's BLOCK_SIZE_M must equal the block size of the alignment;
     without a config one is picked for the problem size with that block size.
@@ -120,17 +157,23 @@ def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                          f"alignment block size {block_m}")
     weights = topk_weights.reshape(-1) if topk_weights is not None else None
     num_padded = sorted_pair_ids.numel()
-    grid = (triton.cdiv(num_padded, block_m) * triton.cdiv(N, config["BLOCK_SIZE_N"]),)
+    block_n = config["BLOCK_SIZE_N"]
+    if lora is None:
+        lora_args = no_lora_kernel_args()
+    else:
+        lora_args = lora_kernel_args(lora, a, num_valid_pairs, N)
+        block_n = fusion_block_n(lora, block_n, N)
+    grid = (triton.cdiv(num_padded, block_m) * triton.cdiv(N, block_n),)
     _fused_moe_gemm_kernel[grid](
         a, b, c, bias, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
         N, K, num_valid_pairs, num_padded, top_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-        GATHER_ROWS=gather_rows, HAS_BIAS=bias is not None,
+        **lora_args, GATHER_ROWS=gather_rows, HAS_BIAS=bias is not None,
         MUL_ROUTED_WEIGHT=topk_weights is not None,
         # fp32 must not silently drop to tf32; 16-bit inputs ignore this.
         INPUT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
-        BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=config["BLOCK_SIZE_N"],
+        BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
         BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config["GROUP_SIZE_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"])
 
@@ -140,12 +183,16 @@ def fused_moe_gemm_torch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                          num_pairs_post_padded: torch.Tensor, top_k: int, gather_rows: bool,
                          bias: torch.Tensor | None = None,
                          topk_weights: torch.Tensor | None = None,
-                         config: dict[str, Any] | None = None) -> None:
+                         config: dict[str, Any] | None = None,
+                         lora: MoELoRAGemmFusion | None = None) -> None:
     """Reference of ``invoke_fused_moe_gemm`` (``config`` is ignored)."""
     for e, p in aligned_pairs_by_expert(sorted_pair_ids, expert_ids, num_pairs_post_padded,
                                         c.shape[0]):
         rows = p // top_k if gather_rows else p
-        store_pair_rows(c, p, a[rows].float() @ b[e].float().T, e, bias, topk_weights)
+        out = a[rows].float() @ b[e].float().T
+        if lora is not None:
+            out += moe_lora_gemm_delta_torch(lora, a, p, e, gather_rows, c.shape[1])
+        store_pair_rows(c, p, out, e, bias, topk_weights)
 
 
 def aligned_pairs_by_expert(sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,

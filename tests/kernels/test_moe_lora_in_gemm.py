@@ -1,0 +1,131 @@
+"""LoRA computed inside the expert GEMM (``moe_lora_in_gemm``) against the
+torch reference of the fused GEMM, and that reference against the base GEMM
+followed by the separate torch LoRA ops (Triton's interpreter on CPU;
+bfloat16 on a GPU).
+
+Shrink outputs fed to the epilogue are NaN in the rows the separate shrink
+does not write (no adapter, adapter off for the layer): the GEMM must not
+read them. Rows of pairs in no block must stay NaN."""
+import pytest
+import torch
+
+from tests.kernels.test_lora_ops import DTYPES, NAN, TOL, factors, routing, token_slots
+from vllm.lora.ops import torch_ops
+from vllm.model_executor.layers.fused_moe.moe_align import moe_align_block_size_torch
+
+gemm = pytest.importorskip("vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm")
+in_gemm = pytest.importorskip("vllm.lora.ops.triton_ops.moe_lora_in_gemm")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# T, top_k, experts, slots, rank, N per slice (consecutive), K, fraction of
+# pairs on other ranks, block size
+CASES = [
+    (1, 2, 4, 1, 8, (32,), 48, 0.0, 16),
+    (7, 2, 6, 3, 12, (32, 32), 40, 0.2, 16),        # gate/up slices
+    (24, 4, 5, 4, 16, (48, 48), 64, 0.1, 32),       # blocks mix 3 slots; BLOCK_N 64 -> 16
+    (40, 2, 3, 2, 64, (64,), 33, 0.0, 16),          # rank 64, K not a multiple of the block
+]
+
+
+def make_case(case, dtype, gather_rows, gen):
+    T, k, E, L, R, Ns, K, ep_drop, block = case
+    topk_weights, topk_ids = routing(T, k, E, ep_drop, gen)
+    slots = token_slots(T, L, gen)
+    enabled = torch.ones(L, dtype=torch.int32)
+    used = sorted(set(slots.tolist()) - {-1})
+    if len(used) > 1:
+        enabled[used[0]] = 0
+    enabled = enabled.to(DEVICE)
+    N, S = sum(Ns), len(Ns)
+    offsets = [sum(Ns[:i]) for i in range(S)]
+    a = torch.randn(T if gather_rows else T * k, K, generator=gen).to(DEVICE, dtype)
+    b = (torch.randn(E, N, K, generator=gen) / K**0.5).to(DEVICE, dtype)
+    lora_a = factors([(L, E, R, K)] * S, K, dtype, gen)
+    lora_b = factors([(L, E, n, R) for n in Ns], R, dtype, gen)
+    sorted_ids, expert_ids, total = moe_align_block_size_torch(topk_ids, block, E)
+    aligned = dict(sorted_pair_ids=sorted_ids, expert_ids=expert_ids,
+                   num_pairs_post_padded=total, top_k=k, gather_rows=gather_rows)
+    return (topk_weights, topk_ids, slots, enabled, offsets, a, b, lora_a, lora_b, aligned)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-L{c[3]}-R{c[4]}-S{len(c[5])}")
+@pytest.mark.parametrize("gather_rows,with_weights", [(True, False), (False, True)])
+@pytest.mark.parametrize("shrink_in_gemm", [True, False])
+def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shrink_in_gemm):
+    T, k = case[0], case[1]
+    gen = torch.Generator().manual_seed(T * 13 + case[2])
+    (topk_weights, topk_ids, slots, enabled, offsets, a, b, lora_a, lora_b,
+     aligned) = make_case(case, dtype, gather_rows, gen)
+    S, P, R = len(lora_b), T * k, case[4]
+    weights = topk_weights if with_weights else None
+    bias = torch.randn(b.shape[0], b.shape[1], generator=gen).to(DEVICE, dtype)
+
+    groups = torch_ops.moe_lora_groups(topk_ids, slots, enabled)
+    inter = None
+    if not shrink_in_gemm:  # the separate shrink's output, in two parts
+        inter = torch.full((2, S, P, R), NAN, device=DEVICE)
+        torch_ops.fused_moe_lora_shrink(a, lora_a, groups, k, gather_rows, inter[0])
+        half = torch.rand(inter.shape[1:], generator=gen).to(DEVICE)
+        inter[1] = inter[0] * half
+        inter[0] -= inter[1]
+    lora = in_gemm.MoELoRAGemmFusion(slots, enabled, lora_b, offsets, k,
+                                     lora_a=lora_a if shrink_in_gemm else None, inter=inter)
+
+    got = torch.full((P, b.shape[1]), NAN, dtype=dtype, device=DEVICE)
+    want = got.clone()
+    config = dict(BLOCK_SIZE_M=aligned["sorted_pair_ids"].numel() // aligned["expert_ids"].numel(),
+                  BLOCK_SIZE_N=64, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2)
+    gemm.invoke_fused_moe_gemm(a, b, got, bias=bias, topk_weights=weights, config=config,
+                               lora=lora, **aligned)
+    gemm.fused_moe_gemm_torch(a, b, want, bias=bias, topk_weights=weights, lora=lora,
+                              **aligned)
+    routed = (topk_ids.reshape(-1) >= 0).nonzero().squeeze(1)
+    assert not want[routed].isnan().any() and want.isnan().sum() == (P - routed.numel()) * \
+        b.shape[1]
+    torch.testing.assert_close(got, want, equal_nan=True, **TOL[dtype])
+
+    # the fused reference is the base GEMM followed by the separate LoRA ops
+    if dtype == torch.float32:
+        sep = torch.full_like(got, NAN)
+        gemm.fused_moe_gemm_torch(a, b, sep, bias=bias, topk_weights=weights, **aligned)
+        base = sep.clone()
+        inter_sep = torch.zeros(S, P, R, device=DEVICE)
+        torch_ops.fused_moe_lora_shrink(a, lora_a, groups, k, gather_rows, inter_sep)
+        torch_ops.fused_moe_lora_expand(inter_sep, lora_b, groups, sep, offsets, weights)
+        torch.testing.assert_close(want, sep, equal_nan=True, **TOL[dtype])
+        assert groups and not torch.allclose(want[routed], base[routed])  # LoRA did something
+
+
+def test_fusion_block_n_keeps_blocks_inside_slices():
+    b = [torch.zeros(1, 1, 48, 16), torch.zeros(1, 1, 48, 16)]
+    lora = in_gemm.MoELoRAGemmFusion(torch.zeros(1, dtype=torch.int32), torch.ones(1), b,
+                                     [0, 48], 1, inter=torch.zeros(2, 1, 16))
+    assert in_gemm.fusion_block_n(lora, 128, 96) == 16
+    b = [torch.zeros(1, 1, 768, 16)] * 2
+    lora.lora_b, lora.slice_offsets = b, [0, 768]
+    assert in_gemm.fusion_block_n(lora, 128, 1536) == 128
+    lora.lora_b, lora.slice_offsets = [torch.zeros(1, 1, 40, 16)] * 2, [0, 40]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        in_gemm.fusion_block_n(lora, 64, 80)
+
+
+def test_lora_in_gemm_argument_checks():
+    gen = torch.Generator().manual_seed(0)
+    case = (6, 2, 4, 2, 8, (32,), 32, 0.0, 16)
+    (_, _, slots, enabled, offsets, a, b, lora_a, lora_b,
+     aligned) = make_case(case, torch.float32, True, gen)
+    c = torch.empty(12, 32, device=DEVICE)
+    both = in_gemm.MoELoRAGemmFusion(slots, enabled, lora_b, offsets, 2, lora_a=lora_a,
+                                     inter=torch.zeros(1, 12, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="exactly one"):
+        gemm.invoke_fused_moe_gemm(a, b, c, lora=both, **aligned)
+    wide = in_gemm.MoELoRAGemmFusion(slots, enabled, factors([(8, 4, 32, 64)], 64,
+                                                             torch.float32, gen), [0], 2,
+                                     lora_a=factors([(8, 4, 64, 32)], 32, torch.float32, gen))
+    with pytest.raises(ValueError, match="wider than"):
+        gemm.invoke_fused_moe_gemm(a, b, c, lora=wide, **aligned)
+    short = in_gemm.MoELoRAGemmFusion(slots[:3], enabled, lora_b, offsets, 2, lora_a=lora_a)
+    with pytest.raises(ValueError, match="token slots"):
+        gemm.invoke_fused_moe_gemm(a, b, c, lora=short, **aligned)

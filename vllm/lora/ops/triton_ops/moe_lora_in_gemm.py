@@ -1,0 +1,253 @@
+"""LoRA computed inside the expert GEMM: the pieces of
+``_fused_moe_gemm_kernel`` that add a projection's adapter deltas before
+its tile is stored, so no LoRA kernel runs after the GEMM.
+
+Why: with separate kernels, a MoE layer's LoRA costs up to five extra
+launches (slot alignment, shrink and expand for each projection) and a
+read-modify-write of both GEMM outputs. At decode the launches dominate
+(20 µs on 63 at one token on the H100); from a few thousand tokens the
+round trips do (benchmarks/RESULTS.md, "floors").
+
+How: the GEMM's blocks are the base alignment's, one expert each, whose
+rows may run different adapter slots. The L slots' factors of the block's
+expert are taken side by side as one rank-``L*R`` factor: column
+``c = l * BLOCK_R + r`` is rank r of slot l. A row's own slot selects its
+columns (the others are zeroed), so one ``tl.dot`` of width ``L*R`` serves
+all the slots of a block. Factor columns of slots that no row of the block
+runs with are masked in the loads: they cost MMA width, not bytes.
+
+- ``shrink_in_gemm``: each K step also multiplies the activation tile it
+  already loaded by the A tile, ``[BLOCK_K, L*R]``. Costs no launch and no
+  extra activation read, but every column block of the output repeats the
+  shrink: the right choice while the GEMM is bound by reading weights.
+- otherwise the shrink ran before (``fused_moe_lora_shrink``, with its own
+  slot alignment) and the epilogue reads its ``[SPLIT_K, S, T*k, R]``
+  output: one row of R floats per pair instead of a pass over the outputs.
+
+Either way the epilogue forms ``t [BLOCK_M, L*R]`` and adds
+``t @ B_tile [L*R, BLOCK_N]`` in fp32 to the accumulator, so bias and
+routing weight apply to base and delta alike and the sum is rounded once.
+A program's column block must lie inside one slice (gate or up): the
+caller picks BLOCK_N so that slice boundaries fall on block boundaries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm.lora.ops.triton_ops.lora_ops import (META_COLS, input_precision, rank_block,
+                                               shrink_parts, slice_table)
+
+# Widest side-by-side factor (L * BLOCK_R) the kernel takes: beyond it the
+# in-register tile [BLOCK_M, L*R] gets too large; callers fall back to the
+# separate LoRA kernels.
+MAX_FUSED_WIDTH = 256
+
+
+@dataclass
+class MoELoRAGemmFusion:
+    """One projection's LoRA for the expert GEMM to add (see the module
+    docstring). Exactly one of ``lora_a`` (shrink in the GEMM) and ``inter``
+    (shrink done) is set."""
+    token_lora_slot: torch.Tensor           # [T] int32, -1 = no adapter
+    adapter_enabled: torch.Tensor           # [L]
+    lora_b: list[torch.Tensor]              # per slice [L, E, N_s, R]
+    slice_offsets: list[int]                # first GEMM output column of each slice
+    top_k: int
+    lora_a: list[torch.Tensor] | None = None  # per slice [L, E, R, K]
+    inter: torch.Tensor | None = None       # [SPLIT_K, S, T*k, R] or [S, T*k, R] fp32
+
+    @property
+    def num_slots(self) -> int:
+        return self.lora_b[0].shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_b[0].shape[3]
+
+
+def fused_width(num_slots: int, rank: int) -> int:
+    """Columns of the side-by-side factor tile."""
+    return triton.next_power_of_2(num_slots) * rank_block(rank)
+
+
+def fusion_block_n(lora: MoELoRAGemmFusion, block_n: int, N: int) -> int:
+    """The widest column block <= ``block_n`` (power of two, >= 16) that
+    never straddles a slice boundary."""
+    bounds = [b for off, w in zip(lora.slice_offsets, lora.lora_b)
+              for b in (off, off + w.shape[2]) if 0 < b < N]
+    while block_n > 16 and any(b % block_n for b in bounds):
+        block_n //= 2
+    if any(b % block_n for b in bounds):
+        raise ValueError(f"slice boundaries {bounds} are not multiples of 16: the expert GEMM "
+                         "cannot add this LoRA")
+    return block_n
+
+
+def no_lora_kernel_args() -> dict[str, Any]:
+    return dict(lora_slot_ptr=None, lora_enabled_ptr=None, lora_a0_ptr=None,
+                lora_a_meta_ptr=None, lora_b0_ptr=None, lora_b_meta_ptr=None,
+                lora_inter_ptr=None, lora_num_slices=0, lora_rank=0, stride_lar=0,
+                stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0, stride_li_s=0,
+                stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_SPLIT_K=1, LORA_BLOCK_L=1,
+                LORA_BLOCK_R=16, LORA_PRECISION="ieee")
+
+
+def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: int,
+                     N: int) -> dict[str, Any]:
+    """The LoRA arguments of ``_fused_moe_gemm_kernel`` (LORA_MODE 1: shrink
+    in the K loop, 2: shrink output read in the epilogue), after checking
+    that the factors fit the GEMM's input ``a`` and N output columns."""
+    if (lora.lora_a is None) == (lora.inter is None):
+        raise ValueError("give exactly one of lora_a (shrink in the GEMM) and inter")
+    b_table, (stride_bn, stride_br) = slice_table(lora.lora_b, 2, lora.slice_offsets)
+    b0 = lora.lora_b[0]
+    L, R, S = lora.num_slots, lora.rank, len(lora.lora_b)
+    if b0.dim() != 4 or b0.dtype != a.dtype:
+        raise ValueError(f"lora_b {tuple(b0.shape)} {b0.dtype} is no [L, E, N_s, R] factor "
+                         f"of the GEMM's dtype {a.dtype}")
+    for b, off in zip(lora.lora_b, lora.slice_offsets):
+        if off < 0 or off + b.shape[2] > N:
+            raise ValueError(f"slice [{off}, {off + b.shape[2]}) outside the GEMM's {N} columns")
+    if fused_width(L, R) > MAX_FUSED_WIDTH:
+        raise ValueError(f"{L} slots of rank {R} are wider than {MAX_FUSED_WIDTH} columns")
+    if lora.adapter_enabled.numel() < L:
+        raise ValueError(f"adapter_enabled has {lora.adapter_enabled.numel()} entries for {L} "
+                         "slots")
+    if lora.token_lora_slot.numel() * lora.top_k != num_valid_pairs:
+        raise ValueError(f"{lora.token_lora_slot.numel()} token slots for {num_valid_pairs} "
+                         f"pairs, top_k {lora.top_k}")
+    args = dict(no_lora_kernel_args(), lora_slot_ptr=lora.token_lora_slot,
+                lora_enabled_ptr=lora.adapter_enabled, lora_b0_ptr=b0, lora_b_meta_ptr=b_table,
+                lora_num_slices=S, lora_rank=R, stride_lbn=stride_bn, stride_lbr=stride_br,
+                LORA_BLOCK_L=triton.next_power_of_2(L), LORA_BLOCK_R=rank_block(R),
+                LORA_PRECISION=input_precision(b0.dtype))
+    if lora.lora_a is not None:
+        a_table, (stride_ar, stride_ak) = slice_table(lora.lora_a)
+        a0 = lora.lora_a[0]
+        if len(lora.lora_a) != S or a0.shape[:3] != b0.shape[:2] + (R,) or \
+                a0.shape[3] != a.shape[1] or a0.dtype != a.dtype:
+            raise ValueError(f"lora_a {tuple(a0.shape)} does not fit lora_b "
+                             f"{tuple(b0.shape)} and the GEMM input {tuple(a.shape)}")
+        return dict(args, lora_a0_ptr=a0, lora_a_meta_ptr=a_table, stride_lar=stride_ar,
+                    stride_lak=stride_ak, LORA_MODE=1)
+    parts = shrink_parts(lora.inter, (S, num_valid_pairs, R))
+    return dict(args, lora_inter_ptr=parts, stride_li_part=parts.stride(0),
+                stride_li_s=parts.stride(1), stride_li_p=parts.stride(2),
+                stride_li_r=parts.stride(3), LORA_MODE=2, LORA_SPLIT_K=parts.shape[0])
+
+
+@triton.jit
+def lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr, num_slices,
+                     R, expert, pair, pair_mask, top_k, offs_n, LORA_MODE: tl.constexpr,
+                     BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    """-> (row slots, column slots, column ranks, column mask, slice, A base
+    pointer of the block's expert (slice 0's when the shrink is not in the
+    GEMM), B base pointer, B's slot stride, slice column offset, N_s).
+
+    A row's slot is -1 without an adapter or when its adapter skips the
+    layer; the column mask keeps the slots some row runs with, rank < R,
+    and nothing when the column block is in no slice."""
+    slot = tl.load(slot_ptr + pair // top_k, mask=pair_mask, other=-1)
+    on = tl.load(enabled_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
+    row_slot = tl.where(on != 0, slot, -1)
+
+    n0 = tl.min(offs_n, axis=0)
+    s = tl.zeros((), dtype=tl.int32) - 1
+    for i in range(num_slices):
+        off_i = tl.load(b_meta_ptr + i * META_COLS + 4)
+        n_i = tl.load(b_meta_ptr + i * META_COLS + 3)
+        s = tl.where((n0 >= off_i) & (n0 < off_i + n_i), i, s)
+    in_slice = s >= 0
+    s = tl.maximum(s, 0)
+    b_row = b_meta_ptr + s * META_COLS
+    b_ptr = tl.load(b_row).to(tl.pointer_type(b0_ptr.dtype.element_ty))
+    b_ptr += expert * tl.load(b_row + 2)
+    stride_bl = tl.load(b_row + 1)
+    n_s = tl.load(b_row + 3)
+    col_off = tl.load(b_row + 4)
+    if LORA_MODE == 1:
+        a_row = a_meta_ptr + s * META_COLS
+        a_ptr = tl.load(a_row).to(tl.pointer_type(a0_ptr.dtype.element_ty))
+        a_ptr += expert * tl.load(a_row + 2)
+        stride_al = tl.load(a_row + 1)
+    else:
+        a_ptr = b_ptr
+        stride_al = stride_bl
+
+    offs_c = tl.arange(0, BLOCK_L * BLOCK_R)
+    col_slot = offs_c // BLOCK_R
+    col_r = offs_c % BLOCK_R
+    present = tl.max((row_slot[:, None] == col_slot[None, :]).to(tl.int32), axis=0) > 0
+    col_mask = present & (col_r < R) & in_slice
+    return (row_slot, col_slot, col_r, col_mask, s, a_ptr, stride_al, b_ptr, stride_bl,
+            col_off, n_s)
+
+
+@triton.jit
+def lora_shrink_factor_tile(a_ptr, stride_al, col_slot, col_r, col_mask, k0, K, stride_ar,
+                            stride_ak, BLOCK_K: tl.constexpr):
+    """The side-by-side A tile ``[BLOCK_K, L*R]`` of K block k0."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    ptrs = (a_ptr + col_slot[None, :] * stride_al + col_r[None, :] * stride_ar
+            + offs_k[:, None] * stride_ak)
+    return tl.load(ptrs, mask=col_mask[None, :] & (offs_k < K)[:, None], other=0.0)
+
+
+@triton.jit
+def lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, col_slot, col_r, col_mask,
+                          stride_part, stride_s, stride_p, stride_r, SPLIT_K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """The shrink output of the block's pairs placed in their slot's columns."""
+    ptrs = (inter_ptr + s * stride_s + pair[:, None] * stride_p + col_r[None, :] * stride_r)
+    mask = (pair_mask[:, None] & col_mask[None, :]
+            & (row_slot[:, None] == col_slot[None, :]))
+    t = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
+    for part in tl.static_range(SPLIT_K):
+        t += tl.load(ptrs + part * stride_part, mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
+def lora_expand_into(acc, t, row_slot, col_slot, col_r, col_mask, b_ptr, stride_bl, col_off,
+                     n_s, offs_n, n_mask, stride_bn, stride_br,
+                     INPUT_PRECISION: tl.constexpr):
+    """acc + (t with each row kept to its slot's columns) @ B tile; t is
+    rounded to the factors' dtype for the dot, as the separate expand does."""
+    t = tl.where(row_slot[:, None] == col_slot[None, :], t, 0.0)
+    n_in = offs_n - col_off
+    ptrs = (b_ptr + col_slot[:, None] * stride_bl + col_r[:, None] * stride_br
+            + n_in[None, :] * stride_bn)
+    mask = col_mask[:, None] & (n_mask & (n_in >= 0) & (n_in < n_s))[None, :]
+    b = tl.load(ptrs, mask=mask, other=0.0)
+    return tl.dot(t.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+
+
+def moe_lora_gemm_delta_torch(lora: MoELoRAGemmFusion, a: torch.Tensor, pairs: torch.Tensor,
+                              expert: int, gather_rows: bool, N: int) -> torch.Tensor:
+    """Reference of what the kernel adds for ``pairs`` of ``expert``:
+    [len(pairs), N] float32."""
+    delta = torch.zeros(pairs.numel(), N, dtype=torch.float32, device=a.device)
+    slots = lora.token_lora_slot.long()[pairs // lora.top_k]
+    enabled = lora.adapter_enabled.bool()
+    slots = torch.where(enabled[slots.clamp(min=0)] & (slots >= 0), slots, -1)
+    if lora.inter is not None:
+        S = len(lora.lora_b)
+        inter = shrink_parts(lora.inter, (S, lora.inter.shape[-2], lora.rank)).sum(0)
+    for slot in slots.unique().tolist():
+        if slot < 0:
+            continue
+        sel = slots == slot
+        for s, (b, off) in enumerate(zip(lora.lora_b, lora.slice_offsets)):
+            if lora.lora_a is not None:
+                rows = pairs[sel] // lora.top_k if gather_rows else pairs[sel]
+                t = a[rows].float() @ lora.lora_a[s][slot, expert].float().T
+            else:
+                t = inter[s, pairs[sel]]
+            rows_out = torch.nonzero(sel).squeeze(1)
+            delta[rows_out, off:off + b.shape[2]] += t @ b[slot, expert].float().T
+    return delta
