@@ -52,8 +52,9 @@ def make_case(case, dtype, gather_rows, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-L{c[3]}-R{c[4]}-S{len(c[5])}")
 @pytest.mark.parametrize("gather_rows,with_weights", [(True, False), (False, True)])
-@pytest.mark.parametrize("shrink_in_gemm", [True, False])
-def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shrink_in_gemm):
+@pytest.mark.parametrize("shrink_in_gemm,early", [(True, True), (False, True), (False, False)])
+def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shrink_in_gemm,
+                                    early):
     T, k = case[0], case[1]
     gen = torch.Generator().manual_seed(T * 13 + case[2])
     (topk_weights, topk_ids, slots, enabled, offsets, a, b, lora_a, lora_b,
@@ -76,7 +77,8 @@ def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shri
     got = torch.full((P, b.shape[1]), NAN, dtype=dtype, device=DEVICE)
     want = got.clone()
     config = dict(BLOCK_SIZE_M=aligned["sorted_pair_ids"].numel() // aligned["expert_ids"].numel(),
-                  BLOCK_SIZE_N=64, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2)
+                  BLOCK_SIZE_N=64, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2,
+                  lora_early=early)
     gemm.invoke_fused_moe_gemm(a, b, got, bias=bias, topk_weights=weights, config=config,
                                lora=lora, **aligned)
     gemm.fused_moe_gemm_torch(a, b, want, bias=bias, topk_weights=weights, lora=lora,

@@ -27,6 +27,13 @@ runs with are masked in the loads: they cost MMA width, not bytes.
 Either way the epilogue forms ``t [BLOCK_M, L*R]`` and adds
 ``t @ B_tile [L*R, BLOCK_N]`` in fp32 to the accumulator, so bias and
 routing weight apply to base and delta alike and the sum is rounded once.
+
+The LoRA operands of a block sit behind a chain of dependent small loads
+(pair -> slot -> adapter flag, slice table -> factor pointer -> tile),
+each a DRAM round trip when the L2 is cold. ``LORA_EARLY`` issues the chain
+and the epilogue's tiles before the K loop so it overlaps the weight
+stream: what short loops (decode) need. Long loops do better keeping those
+registers free during the loop, and load them after it.
 A program's column block must lie inside one slice (gate or up): the
 caller picks BLOCK_N so that slice boundaries fall on block boundaries.
 """
@@ -93,15 +100,21 @@ def no_lora_kernel_args() -> dict[str, Any]:
                 lora_a_meta_ptr=None, lora_b0_ptr=None, lora_b_meta_ptr=None,
                 lora_inter_ptr=None, lora_num_slices=0, lora_rank=0, stride_lar=0,
                 stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0, stride_li_s=0,
-                stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_SPLIT_K=1, LORA_BLOCK_L=1,
-                LORA_BLOCK_R=16, LORA_PRECISION="ieee")
+                stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_EARLY=False, LORA_SPLIT_K=1,
+                LORA_BLOCK_L=1, LORA_BLOCK_R=16, LORA_PRECISION="ieee")
+
+
+def lora_early_default(block_m: int) -> bool:
+    """Blocks of 16 rows are decode-sized: short loops, few registers."""
+    return block_m <= 16
 
 
 def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: int,
-                     N: int) -> dict[str, Any]:
+                     N: int, early: bool) -> dict[str, Any]:
     """The LoRA arguments of ``_fused_moe_gemm_kernel`` (LORA_MODE 1: shrink
     in the K loop, 2: shrink output read in the epilogue), after checking
-    that the factors fit the GEMM's input ``a`` and N output columns."""
+    that the factors fit the GEMM's input ``a`` and N output columns.
+    ``early``: LORA_EARLY (always with the shrink in the loop)."""
     if (lora.lora_a is None) == (lora.inter is None):
         raise ValueError("give exactly one of lora_a (shrink in the GEMM) and inter")
     b_table, (stride_bn, stride_br) = slice_table(lora.lora_b, 2, lora.slice_offsets)
@@ -125,7 +138,7 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
                 lora_enabled_ptr=lora.adapter_enabled, lora_b0_ptr=b0, lora_b_meta_ptr=b_table,
                 lora_num_slices=S, lora_rank=R, stride_lbn=stride_bn, stride_lbr=stride_br,
                 LORA_BLOCK_L=triton.next_power_of_2(L), LORA_BLOCK_R=rank_block(R),
-                LORA_PRECISION=input_precision(b0.dtype))
+                LORA_PRECISION=input_precision(b0.dtype), LORA_EARLY=early)
     if lora.lora_a is not None:
         a_table, (stride_ar, stride_ak) = slice_table(lora.lora_a)
         a0 = lora.lora_a[0]
@@ -134,7 +147,7 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
             raise ValueError(f"lora_a {tuple(a0.shape)} does not fit lora_b "
                              f"{tuple(b0.shape)} and the GEMM input {tuple(a.shape)}")
         return dict(args, lora_a0_ptr=a0, lora_a_meta_ptr=a_table, stride_lar=stride_ar,
-                    stride_lak=stride_ak, LORA_MODE=1)
+                    stride_lak=stride_ak, LORA_MODE=1, LORA_EARLY=True)
     parts = shrink_parts(lora.inter, (S, num_valid_pairs, R))
     return dict(args, lora_inter_ptr=parts, stride_li_part=parts.stride(0),
                 stride_li_s=parts.stride(1), stride_li_p=parts.stride(2),
@@ -213,17 +226,46 @@ def lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, col_slot, col
 
 
 @triton.jit
-def lora_expand_into(acc, t, row_slot, col_slot, col_r, col_mask, b_ptr, stride_bl, col_off,
-                     n_s, offs_n, n_mask, stride_bn, stride_br,
-                     INPUT_PRECISION: tl.constexpr):
-    """acc + (t with each row kept to its slot's columns) @ B tile; t is
-    rounded to the factors' dtype for the dot, as the separate expand does."""
-    t = tl.where(row_slot[:, None] == col_slot[None, :], t, 0.0)
+def lora_expand_factor_tile(col_slot, col_r, col_mask, b_ptr, stride_bl, col_off, n_s, offs_n,
+                            n_mask, stride_bn, stride_br):
+    """The side-by-side B tile ``[L*R, BLOCK_N]`` of the program's columns."""
     n_in = offs_n - col_off
     ptrs = (b_ptr + col_slot[:, None] * stride_bl + col_r[:, None] * stride_br
             + n_in[None, :] * stride_bn)
     mask = col_mask[:, None] & (n_mask & (n_in >= 0) & (n_in < n_s))[None, :]
-    b = tl.load(ptrs, mask=mask, other=0.0)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr, inter_ptr,
+                  num_slices, R, expert, pair, pair_mask, top_k, offs_n, n_mask, stride_bn,
+                  stride_br, stride_i_part, stride_i_s, stride_i_p, stride_i_r,
+                  LORA_MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Everything the K loop (LORA_MODE 1) and the epilogue read: -> (row
+    slots, column slots, column ranks, column mask, A pointer, A's slot
+    stride, B tile, shrink tile: zeros to accumulate into (mode 1) or the
+    finished shrink (mode 2))."""
+    (row_slot, col_slot, col_r, col_mask, s, a_ptr, stride_al, b_ptr, stride_bl, col_off,
+     n_s) = lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
+                             num_slices, R, expert, pair, pair_mask, top_k, offs_n, LORA_MODE,
+                             BLOCK_L, BLOCK_R)
+    b = lora_expand_factor_tile(col_slot, col_r, col_mask, b_ptr, stride_bl, col_off, n_s,
+                                offs_n, n_mask, stride_bn, stride_br)
+    if LORA_MODE == 1:
+        t = tl.zeros((BLOCK_M, BLOCK_L * BLOCK_R), dtype=tl.float32)
+    else:
+        t = lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, col_slot, col_r,
+                                  col_mask, stride_i_part, stride_i_s, stride_i_p, stride_i_r,
+                                  SPLIT_K, BLOCK_M, BLOCK_L * BLOCK_R)
+    return row_slot, col_slot, col_r, col_mask, a_ptr, stride_al, b, t
+
+
+@triton.jit
+def lora_expand_into(acc, t, row_slot, col_slot, b, INPUT_PRECISION: tl.constexpr):
+    """acc + (t with each row kept to its slot's columns) @ b; t is rounded
+    to the factors' dtype for the dot, as the separate expand does."""
+    t = tl.where(row_slot[:, None] == col_slot[None, :], t, 0.0)
     return tl.dot(t.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
 
 

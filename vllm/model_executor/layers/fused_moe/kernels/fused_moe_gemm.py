@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MoELoRAGemmFusion, fusion_block_n,
-                                                        lora_block_setup, lora_done_shrink_tile,
-                                                        lora_expand_into, lora_kernel_args,
+                                                        lora_early_default, lora_expand_into,
+                                                        lora_kernel_args, lora_operands,
                                                         lora_shrink_factor_tile,
                                                         moe_lora_gemm_delta_torch,
                                                         no_lora_kernel_args)
@@ -37,8 +37,8 @@ def _fused_moe_gemm_kernel(
         GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
         BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, LORA_MODE: tl.constexpr,
-        LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
-        LORA_PRECISION: tl.constexpr):
+        LORA_EARLY: tl.constexpr, LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr,
+        LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
         sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
@@ -46,13 +46,15 @@ def _fused_moe_gemm_kernel(
     if not active:
         return
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    if LORA_MODE != 0:  # see vllm/lora/ops/triton_ops/moe_lora_in_gemm.py
-        (row_slot, col_slot, col_r, col_mask, lora_s, lora_a_ptr, stride_lal, lora_b_ptr,
-         stride_lbl, lora_col_off, lora_n) = lora_block_setup(
+    # LoRA: see vllm/lora/ops/triton_ops/moe_lora_in_gemm.py
+    if LORA_MODE != 0 and LORA_EARLY:
+        (row_slot, col_slot, col_r, col_mask, lora_a_ptr, stride_lal, lora_b,
+         lora_acc) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
-            lora_b_meta_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask, top_k,
-            offs_n, LORA_MODE, LORA_BLOCK_L, LORA_BLOCK_R)
-        lora_acc = tl.zeros((BLOCK_SIZE_M, LORA_BLOCK_L * LORA_BLOCK_R), dtype=tl.float32)
+            lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask,
+            top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
+            stride_li_p, stride_li_r, LORA_MODE, LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L,
+            LORA_BLOCK_R)
 
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
     # B[e] is [N, K]; reading it as a K x N tile computes a @ B[e].T.
@@ -72,15 +74,16 @@ def _fused_moe_gemm_kernel(
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
 
-    if LORA_MODE == 2:
-        lora_acc = lora_done_shrink_tile(lora_inter_ptr, lora_s, pair, pair_mask, row_slot,
-                                         col_slot, col_r, col_mask, stride_li_part, stride_li_s,
-                                         stride_li_p, stride_li_r, LORA_SPLIT_K, BLOCK_SIZE_M,
-                                         LORA_BLOCK_L * LORA_BLOCK_R)
+    if LORA_MODE != 0 and not LORA_EARLY:
+        (row_slot, col_slot, col_r, col_mask, lora_a_ptr, stride_lal, lora_b,
+         lora_acc) = lora_operands(
+            lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
+            lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask,
+            top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
+            stride_li_p, stride_li_r, LORA_MODE, LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L,
+            LORA_BLOCK_R)
     if LORA_MODE != 0:
-        acc = lora_expand_into(acc, lora_acc, row_slot, col_slot, col_r, col_mask, lora_b_ptr,
-                               stride_lbl, lora_col_off, lora_n, offs_n, n_mask, stride_lbn,
-                               stride_lbr, LORA_PRECISION)
+        acc = lora_expand_into(acc, lora_acc, row_slot, col_slot, lora_b, LORA_PRECISION)
     moe_tile_store(acc, c_ptr, bias_ptr, topk_weights_ptr, expert, pair, pair_mask, offs_n, n_mask,
                    stride_cm, stride_cn, stride_bias_e, stride_bias_n, HAS_BIAS, MUL_ROUTED_WEIGHT)
 
@@ -161,7 +164,8 @@ def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     if lora is None:
         lora_args = no_lora_kernel_args()
     else:
-        lora_args = lora_kernel_args(lora, a, num_valid_pairs, N)
+        lora_args = lora_kernel_args(lora, a, num_valid_pairs, N,
+                                     config.get("lora_early", lora_early_default(block_m)))
         block_n = fusion_block_n(lora, block_n, N)
     grid = (triton.cdiv(num_padded, block_m) * triton.cdiv(N, block_n),)
     _fused_moe_gemm_kernel[grid](
