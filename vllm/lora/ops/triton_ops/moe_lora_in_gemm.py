@@ -158,12 +158,12 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
 def lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr, num_slices,
                      R, expert, pair, pair_mask, top_k, offs_n, LORA_MODE: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
-    """-> (row slots, column slots, column ranks, column mask, slice, A base
-    pointer of the block's expert (slice 0's when the shrink is not in the
-    GEMM), B base pointer, B's slot stride, slice column offset, N_s).
+    """-> (row slots, factor mask [BLOCK_L, BLOCK_R], slice, A base pointer of
+    the block's expert (B's when the shrink is not in the GEMM), A's slot
+    stride, B base pointer, B's slot stride, slice column offset, N_s).
 
     A row's slot is -1 without an adapter or when its adapter skips the
-    layer; the column mask keeps the slots some row runs with, rank < R,
+    layer; the factor mask keeps the slots some row runs with and rank < R,
     and nothing when the column block is in no slice."""
     slot = tl.load(slot_ptr + pair // top_k, mask=pair_mask, other=-1)
     on = tl.load(enabled_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
@@ -192,48 +192,67 @@ def lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_p
         a_ptr = b_ptr
         stride_al = stride_bl
 
-    offs_c = tl.arange(0, BLOCK_L * BLOCK_R)
-    col_slot = offs_c // BLOCK_R
-    col_r = offs_c % BLOCK_R
-    present = tl.max((row_slot[:, None] == col_slot[None, :]).to(tl.int32), axis=0) > 0
-    col_mask = present & (col_r < R) & in_slice
-    return (row_slot, col_slot, col_r, col_mask, s, a_ptr, stride_al, b_ptr, stride_bl,
-            col_off, n_s)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_r = tl.arange(0, BLOCK_R)
+    present = tl.max((row_slot[:, None] == offs_l[None, :]).to(tl.int32), axis=0) > 0
+    factor_mask = (present & in_slice)[:, None] & (offs_r < R)[None, :]
+    return row_slot, factor_mask, s, a_ptr, stride_al, b_ptr, stride_bl, col_off, n_s
 
 
 @triton.jit
-def lora_shrink_factor_tile(a_ptr, stride_al, col_slot, col_r, col_mask, k0, K, stride_ar,
-                            stride_ak, BLOCK_K: tl.constexpr):
+def own_slot_columns(t, row_slot, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """Zero the columns of ``t`` [BLOCK_M, L*R] outside each row's slot."""
+    t = tl.reshape(t, (BLOCK_M, BLOCK_L, BLOCK_R))
+    own = row_slot[:, None] == tl.arange(0, BLOCK_L)[None, :]
+    t = tl.where(own[:, :, None], t, 0.0)
+    return tl.reshape(t, (BLOCK_M, BLOCK_L * BLOCK_R))
+
+
+@triton.jit
+def lora_shrink_factor_tile(a_ptr, stride_al, factor_mask, k0, K, stride_ar, stride_ak,
+                            BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+                            BLOCK_R: tl.constexpr):
     """The side-by-side A tile ``[BLOCK_K, L*R]`` of K block k0."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    ptrs = (a_ptr + col_slot[None, :] * stride_al + col_r[None, :] * stride_ar
-            + offs_k[:, None] * stride_ak)
-    return tl.load(ptrs, mask=col_mask[None, :] & (offs_k < K)[:, None], other=0.0)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_r = tl.arange(0, BLOCK_R)
+    ptrs = (a_ptr + offs_k[:, None, None] * stride_ak + offs_l[None, :, None] * stride_al
+            + offs_r[None, None, :] * stride_ar)
+    a = tl.load(ptrs, mask=(offs_k < K)[:, None, None] & factor_mask[None, :, :], other=0.0)
+    return tl.reshape(a, (BLOCK_K, BLOCK_L * BLOCK_R))
 
 
 @triton.jit
-def lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, col_slot, col_r, col_mask,
-                          stride_part, stride_s, stride_p, stride_r, SPLIT_K: tl.constexpr,
-                          BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
-    """The shrink output of the block's pairs placed in their slot's columns."""
-    ptrs = (inter_ptr + s * stride_s + pair[:, None] * stride_p + col_r[None, :] * stride_r)
-    mask = (pair_mask[:, None] & col_mask[None, :]
-            & (row_slot[:, None] == col_slot[None, :]))
-    t = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
+def lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, R, stride_part, stride_s,
+                          stride_p, stride_r, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The shrink output of the block's pairs placed in their slot's columns
+    (read as contiguous rows of R floats, then spread)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    ptrs = inter_ptr + s * stride_s + pair[:, None] * stride_p + offs_r[None, :] * stride_r
+    mask = (pair_mask & (row_slot >= 0))[:, None] & (offs_r < R)[None, :]
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for part in tl.static_range(SPLIT_K):
         t += tl.load(ptrs + part * stride_part, mask=mask, other=0.0)
-    return t
+    own = row_slot[:, None] == tl.arange(0, BLOCK_L)[None, :]
+    t = tl.where(own[:, :, None], t[:, None, :], 0.0)
+    return tl.reshape(t, (BLOCK_M, BLOCK_L * BLOCK_R))
 
 
 @triton.jit
-def lora_expand_factor_tile(col_slot, col_r, col_mask, b_ptr, stride_bl, col_off, n_s, offs_n,
-                            n_mask, stride_bn, stride_br):
-    """The side-by-side B tile ``[L*R, BLOCK_N]`` of the program's columns."""
+def lora_expand_factor_tile(factor_mask, b_ptr, stride_bl, col_off, n_s, offs_n, n_mask,
+                            stride_bn, stride_br, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The side-by-side B tile ``[L*R, BLOCK_N]`` of the program's columns
+    (loaded as [L, R, BLOCK_N]: rank is B's contiguous dim)."""
     n_in = offs_n - col_off
-    ptrs = (b_ptr + col_slot[:, None] * stride_bl + col_r[:, None] * stride_br
-            + n_in[None, :] * stride_bn)
-    mask = col_mask[:, None] & (n_mask & (n_in >= 0) & (n_in < n_s))[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_r = tl.arange(0, BLOCK_R)
+    ptrs = (b_ptr + offs_l[:, None, None] * stride_bl + offs_r[None, :, None] * stride_br
+            + n_in[None, None, :] * stride_bn)
+    n_ok = n_mask & (n_in >= 0) & (n_in < n_s)
+    b = tl.load(ptrs, mask=factor_mask[:, :, None] & n_ok[None, None, :], other=0.0)
+    return tl.reshape(b, (BLOCK_L * BLOCK_R, offs_n.shape[0]))
 
 
 @triton.jit
@@ -243,30 +262,21 @@ def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
                   LORA_MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
     """Everything the K loop (LORA_MODE 1) and the epilogue read: -> (row
-    slots, column slots, column ranks, column mask, A pointer, A's slot
-    stride, B tile, shrink tile: zeros to accumulate into (mode 1) or the
-    finished shrink (mode 2))."""
-    (row_slot, col_slot, col_r, col_mask, s, a_ptr, stride_al, b_ptr, stride_bl, col_off,
+    slots, factor mask, A pointer, A's slot stride, B tile, shrink tile:
+    zeros to accumulate into (mode 1) or the finished shrink (mode 2))."""
+    (row_slot, factor_mask, s, a_ptr, stride_al, b_ptr, stride_bl, col_off,
      n_s) = lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
                              num_slices, R, expert, pair, pair_mask, top_k, offs_n, LORA_MODE,
                              BLOCK_L, BLOCK_R)
-    b = lora_expand_factor_tile(col_slot, col_r, col_mask, b_ptr, stride_bl, col_off, n_s,
-                                offs_n, n_mask, stride_bn, stride_br)
+    b = lora_expand_factor_tile(factor_mask, b_ptr, stride_bl, col_off, n_s, offs_n, n_mask,
+                                stride_bn, stride_br, BLOCK_L, BLOCK_R)
     if LORA_MODE == 1:
         t = tl.zeros((BLOCK_M, BLOCK_L * BLOCK_R), dtype=tl.float32)
     else:
-        t = lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, col_slot, col_r,
-                                  col_mask, stride_i_part, stride_i_s, stride_i_p, stride_i_r,
-                                  SPLIT_K, BLOCK_M, BLOCK_L * BLOCK_R)
-    return row_slot, col_slot, col_r, col_mask, a_ptr, stride_al, b, t
-
-
-@triton.jit
-def lora_expand_into(acc, t, row_slot, col_slot, b, INPUT_PRECISION: tl.constexpr):
-    """acc + (t with each row kept to its slot's columns) @ b; t is rounded
-    to the factors' dtype for the dot, as the separate expand does."""
-    t = tl.where(row_slot[:, None] == col_slot[None, :], t, 0.0)
-    return tl.dot(t.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+        t = lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, R, stride_i_part,
+                                  stride_i_s, stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_L,
+                                  BLOCK_R)
+    return row_slot, factor_mask, a_ptr, stride_al, b, t
 
 
 def moe_lora_gemm_delta_torch(lora: MoELoRAGemmFusion, a: torch.Tensor, pairs: torch.Tensor,

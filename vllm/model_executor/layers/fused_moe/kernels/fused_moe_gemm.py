@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MoELoRAGemmFusion, fusion_block_n,
-                                                        lora_early_default, lora_expand_into,
-                                                        lora_kernel_args, lora_operands,
+                                                        lora_early_default, lora_kernel_args,
+                                                        lora_operands, own_slot_columns,
                                                         lora_shrink_factor_tile,
                                                         moe_lora_gemm_delta_torch,
                                                         no_lora_kernel_args)
@@ -48,8 +48,7 @@ def _fused_moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     # LoRA: see vllm/lora/ops/triton_ops/moe_lora_in_gemm.py
     if LORA_MODE != 0 and LORA_EARLY:
-        (row_slot, col_slot, col_r, col_mask, lora_a_ptr, stride_lal, lora_b,
-         lora_acc) = lora_operands(
+        row_slot, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask,
             top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
@@ -67,23 +66,25 @@ def _fused_moe_gemm_kernel(
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if LORA_MODE == 1:
-            lora_a = lora_shrink_factor_tile(lora_a_ptr, stride_lal, col_slot, col_r, col_mask,
+            lora_a = lora_shrink_factor_tile(lora_a_ptr, stride_lal, lora_mask,
                                              kb * BLOCK_SIZE_K, K, stride_lar, stride_lak,
-                                             BLOCK_SIZE_K)
+                                             BLOCK_SIZE_K, LORA_BLOCK_L, LORA_BLOCK_R)
             lora_acc = tl.dot(a, lora_a, lora_acc, input_precision=LORA_PRECISION)
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
 
     if LORA_MODE != 0 and not LORA_EARLY:
-        (row_slot, col_slot, col_r, col_mask, lora_a_ptr, stride_lal, lora_b,
-         lora_acc) = lora_operands(
+        row_slot, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask,
             top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
             stride_li_p, stride_li_r, LORA_MODE, LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L,
             LORA_BLOCK_R)
+    if LORA_MODE == 1:  # the shrink of every slot: keep each row's own
+        lora_acc = own_slot_columns(lora_acc, row_slot, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R)
     if LORA_MODE != 0:
-        acc = lora_expand_into(acc, lora_acc, row_slot, col_slot, lora_b, LORA_PRECISION)
+        # rounded to the factors' dtype for the dot, as the separate expand does
+        acc = tl.dot(lora_acc.to(lora_b.dtype), lora_b, acc, input_precision=LORA_PRECISION)
     moe_tile_store(acc, c_ptr, bias_ptr, topk_weights_ptr, expert, pair, pair_mask, offs_n, n_mask,
                    stride_cm, stride_cn, stride_bias_e, stride_bias_n, HAS_BIAS, MUL_ROUTED_WEIGHT)
 
