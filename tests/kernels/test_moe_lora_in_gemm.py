@@ -131,3 +131,12 @@ def test_lora_in_gemm_argument_checks():
     short = in_gemm.MoELoRAGemmFusion(slots[:3], enabled, lora_b, offsets, 2, lora_a=lora_a)
     with pytest.raises(ValueError, match="token slots"):
         gemm.invoke_fused_moe_gemm(a, b, c, lora=short, **aligned)
+
+
+def test_fusion_choice():
+    from vllm.lora.ops.triton_ops.moe_lora_configs import fusion_default
+    from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper
+    assert [fusion_default(t) for t in (1, 128, 512, 2048)] == ["epilogue", "epilogue", "off",
+                                                                "epilogue"]
+    with pytest.raises(ValueError, match="unknown MoE LoRA fusion"):
+        TritonPunicaWrapper(2, torch.device("cpu"), moe_lora_fusion="fused")

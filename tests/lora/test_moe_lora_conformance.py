@@ -22,11 +22,12 @@ from vllm.model_executor.layers.fused_moe.oracle import all_experts_backends
 LORA_BACKENDS = [c for c in all_experts_backends() if c.supports_lora()]
 
 
-# The Triton wrapper in each place TritonExperts can compute LoRA: inside
-# its GEMMs ("auto" at this size), shrink kernels + expand in the GEMMs'
-# epilogue, and separate kernels (what the quantized classes always use).
+# The Triton wrapper in each place TritonExperts can compute LoRA: shrink
+# kernels + expand in the GEMMs' epilogue ("auto" at this size), shrink and
+# expand inside the GEMMs, and separate kernels (what the quantized classes
+# always use).
 PUNICA = {"torch": TorchPunicaWrapper, "triton": TritonPunicaWrapper,
-          "triton-epilogue": functools.partial(TritonPunicaWrapper, moe_lora_fusion="epilogue"),
+          "triton-gemm": functools.partial(TritonPunicaWrapper, moe_lora_fusion="gemm"),
           "triton-off": functools.partial(TritonPunicaWrapper, moe_lora_fusion="off")}
 
 
