@@ -41,10 +41,11 @@ class MoELoRALaunch:
 
 def fusion_default(num_tokens: int) -> str:
     """Measured on the H100 (Qwen3-30B-A3B layer, 4 x rank 16; RESULTS.md):
-    the expand in the GEMM epilogue beats separate kernels from 8 tokens up
-    except around 512, where the 64-row epilogue costs more than the
-    separate expands; the in-loop shrink lost at every size."""
-    return "off" if 256 <= num_tokens < 1024 else "epilogue"
+    the expand in the GEMM epilogue beats separate kernels up to 128 tokens
+    (16-row blocks) and loses from 512 up, where the wide epilogue tiles
+    cost more than the separate expands; the in-loop shrink lost at every
+    size."""
+    return "epilogue" if num_tokens <= 256 else "off"
 
 
 def moe_lora_config_filename(E: int, H: int, I: int, rank: int, max_loras: int,
