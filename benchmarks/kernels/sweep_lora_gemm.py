@@ -1,4 +1,15 @@
-"""Diagnostic: one expert GEMM alone, base vs LoRA inside it, tuned base config vs a sweep."""
+"""One expert GEMM of a Qwen3-30B-A3B layer alone (GPU), without LoRA and
+with LoRA inside it (``moe_lora_in_gemm``): in-loop shrink ("gemm"), and the
+shrink output read in the epilogue before the K loop ("epi-early") or after
+it ("epi-late"). Each is timed with the base GEMM's tuned config and with the
+best of a small sweep, which tells whether a LoRA placement is slow in
+itself or only with the base's launch parameters.
+
+    python benchmarks/kernels/sweep_lora_gemm.py 1 8 128 512     # token counts
+
+4 adapters of rank 16, tokens round-robin over them; CUDA-graph replay with
+a cold L2 (``timing.time_fn``), microseconds.
+"""
 from __future__ import annotations
 
 import itertools
@@ -18,48 +29,53 @@ from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (  # noqa
 from vllm.model_executor.layers.fused_moe.moe_align import moe_align_block_size  # noqa: E402
 from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_experts  # noqa: E402
 
-H, I, E, k, L, R = 2048, 768, 128, 8, 4, 16
-dev, dt = "cuda", torch.bfloat16
-g = torch.Generator().manual_seed(0)
-rnd = lambda *s: (torch.randn(*s, generator=g) * 0.05).to(dev, dt)  # noqa: E731
-w13, w2 = rnd(E, 2 * I, H), rnd(E, H, I)
-a13 = [rnd(L, E, R, H) for _ in range(2)]
-b13 = [rnd(L, E, I, R) for _ in range(2)]
-a2, b2 = rnd(L, E, R, I), rnd(L, E, H, R)
-enabled = torch.ones(L, dtype=torch.int32, device=dev)
-tokens = [int(t) for t in sys.argv[1:]] or [1, 8, 128, 512]
-print(f"{'T':>5} {'gemm':<4} {'variant':<10} {'tuned us':>9} {'best us':>9}  best config")
-for T in tokens:
-    x = rnd(T, H) * 20
-    cache2 = rnd(T * k, I) * 20
-    tw, ids = select_experts(torch.randn(T, E, generator=g).to(dev), RouterConfig(k))
-    slots = torch.arange(T, dtype=torch.int32, device=dev) % L
-    cfg13, cfg2 = expert_gemm_configs(T, k, E, H, I, dt)
-    for name, a, w, cfg, gather, weights, fa, fb, offs in (
-            ("w13", x, w13, cfg13, True, None, a13, b13, [0, I]),
-            ("w2", cache2, w2, cfg2, False, tw, [a2], [b2], [0])):
-        sorted_ids, expert_ids, npp = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
-        aligned = dict(sorted_pair_ids=sorted_ids, expert_ids=expert_ids,
-                       num_pairs_post_padded=npp, top_k=k)
-        out = torch.empty(T * k, w.shape[1], device=dev, dtype=dt)
-        inter = torch.randn(1, len(fa), T * k, R, device=dev)
-        gemm = MoELoRAGemmFusion(slots, enabled, fb, offs, k, lora_a=fa)
-        epi = MoELoRAGemmFusion(slots, enabled, fb, offs, k, inter=inter)
-        variants = {"base": (None, False), "gemm": (gemm, True), "epi-early": (epi, True),
-                    "epi-late": (epi, False)}
-        for vname, (lora, early) in variants.items():
-            def run(c, lora=lora, a=a, w=w, out=out, gather=gather, weights=weights,
-                    aligned=aligned):
-                invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
-                                      config=c, lora=lora, **aligned)
-            tuned = time_fn(lambda: run(dict(cfg, lora_early=early)), "graph", dev, 20)
-            best = (tuned, cfg)
-            for n, kk, st in itertools.product([64, 128], [64, 128], [3, 4]):
-                c = dict(cfg, BLOCK_SIZE_N=n, BLOCK_SIZE_K=kk, num_stages=st, lora_early=early)
-                try:
-                    t = time_fn(lambda: run(c), "graph", dev, 10)
-                except Exception:
-                    continue
-                best = min(best, (t, c), key=lambda b: b[0])
-            print(f"{T:>5} {name:<4} {vname:<10} {tuned * 1e3:>9.1f} {best[0] * 1e3:>9.1f}  "
-                  f"{ {k_: v for k_, v in best[1].items() if k_ != 'GROUP_SIZE_M'} }", flush=True)
+def main() -> None:
+    H, I, E, k, L, R = 2048, 768, 128, 8, 4, 16
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.05).to(dev, dt)  # noqa: E731
+    w13, w2 = rnd(E, 2 * I, H), rnd(E, H, I)
+    a13 = [rnd(L, E, R, H) for _ in range(2)]
+    b13 = [rnd(L, E, I, R) for _ in range(2)]
+    a2, b2 = rnd(L, E, R, I), rnd(L, E, H, R)
+    enabled = torch.ones(L, dtype=torch.int32, device=dev)
+    tokens = [int(t) for t in sys.argv[1:]] or [1, 8, 128, 512]
+    print(f"{'T':>5} {'gemm':<4} {'variant':<10} {'tuned us':>9} {'best us':>9}  best config")
+    for T in tokens:
+        x = rnd(T, H) * 20
+        cache2 = rnd(T * k, I) * 20
+        tw, ids = select_experts(torch.randn(T, E, generator=g).to(dev), RouterConfig(k))
+        slots = torch.arange(T, dtype=torch.int32, device=dev) % L
+        cfg13, cfg2 = expert_gemm_configs(T, k, E, H, I, dt)
+        for name, a, w, cfg, gather, weights, fa, fb, offs in (
+                ("w13", x, w13, cfg13, True, None, a13, b13, [0, I]),
+                ("w2", cache2, w2, cfg2, False, tw, [a2], [b2], [0])):
+            sorted_ids, expert_ids, npp = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+            aligned = dict(sorted_pair_ids=sorted_ids, expert_ids=expert_ids,
+                           num_pairs_post_padded=npp, top_k=k)
+            out = torch.empty(T * k, w.shape[1], device=dev, dtype=dt)
+            inter = torch.randn(1, len(fa), T * k, R, device=dev)
+            gemm = MoELoRAGemmFusion(slots, enabled, fb, offs, k, lora_a=fa)
+            epi = MoELoRAGemmFusion(slots, enabled, fb, offs, k, inter=inter)
+            variants = {"base": (None, False), "gemm": (gemm, True), "epi-early": (epi, True),
+                        "epi-late": (epi, False)}
+            for vname, (lora, early) in variants.items():
+                def run(c, lora=lora, a=a, w=w, out=out, gather=gather, weights=weights,
+                        aligned=aligned):
+                    invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
+                                          config=c, lora=lora, **aligned)
+                tuned = time_fn(lambda: run(dict(cfg, lora_early=early)), "graph", dev, 20)
+                best = (tuned, cfg)
+                for n, kk, st in itertools.product([64, 128], [64, 128], [3, 4]):
+                    c = dict(cfg, BLOCK_SIZE_N=n, BLOCK_SIZE_K=kk, num_stages=st, lora_early=early)
+                    try:
+                        t = time_fn(lambda: run(c), "graph", dev, 10)
+                    except Exception:
+                        continue
+                    best = min(best, (t, c), key=lambda b: b[0])
+                print(f"{T:>5} {name:<4} {vname:<10} {tuned * 1e3:>9.1f} {best[0] * 1e3:>9.1f}  "
+                      f"{ {k_: v for k_, v in best[1].items() if k_ != 'GROUP_SIZE_M'} }", flush=True)
+
+
+if __name__ == "__main__":
+    main()
