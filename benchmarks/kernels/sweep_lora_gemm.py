@@ -73,8 +73,9 @@ def main() -> None:
                     except Exception:
                         continue
                     best = min(best, (t, c), key=lambda b: b[0])
+                shown = {k_: v for k_, v in best[1].items() if k_ != "GROUP_SIZE_M"}
                 print(f"{T:>5} {name:<4} {vname:<10} {tuned * 1e3:>9.1f} {best[0] * 1e3:>9.1f}  "
-                      f"{ {k_: v for k_, v in best[1].items() if k_ != 'GROUP_SIZE_M'} }", flush=True)
+                      f"{shown}", flush=True)
 
 
 if __name__ == "__main__":
