@@ -105,6 +105,9 @@ class TritonPunicaWrapper(PunicaWrapperBase):
     def _in_gemm_mode(self, ctx, launch: MoELoRALaunch, w13_width: int,
                       hidden: int) -> str | None:
         """"gemm", "epilogue" or None (separate kernels) for this step."""
+        fusion = launch.fusion if self.moe_lora_fusion == "auto" else self.moe_lora_fusion
+        if fusion == "off":
+            return None
         if fused_width(ctx.max_loras, ctx.max_rank) > MAX_FUSED_WIDTH:
             return None
         bounds = [b for off, w in zip(ctx.w13_slice_offsets, ctx.w13_lora_b)
@@ -113,9 +116,6 @@ class TritonPunicaWrapper(PunicaWrapperBase):
                    if 0 < b < hidden]
         if any(b % 16 for b in bounds):
             return None  # some column block would straddle a slice
-        fusion = launch.fusion if self.moe_lora_fusion == "auto" else self.moe_lora_fusion
-        if fusion == "off":
-            return None
         # a shrink combine (fully sharded LoRA) runs between shrink and expand
         if ctx.w13_shrink_combine is not None or ctx.w2_shrink_combine is not None:
             return "epilogue"
