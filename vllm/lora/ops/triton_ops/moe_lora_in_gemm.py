@@ -34,8 +34,9 @@ The LoRA operands of a block sit behind a chain of dependent small loads
 (pair -> slot -> adapter flag, slice table -> factor pointer -> tile),
 each a DRAM round trip when the L2 is cold. ``LORA_EARLY`` issues the chain
 and the epilogue's tiles before the K loop so it overlaps the weight
-stream: what short loops (decode) need. Long loops do better keeping those
-registers free during the loop, and load them after it.
+stream (measured as fast or faster at 16- and 64-row blocks); the widest
+blocks load them after the loop, keeping the loop's registers free.
+
 A program's column block must lie inside one slice (gate or up): the
 caller picks BLOCK_N so that slice boundaries fall on block boundaries.
 """
