@@ -42,7 +42,9 @@ caller picks BLOCK_N so that slice boundaries fall on block boundaries.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -98,13 +100,13 @@ def fusion_block_n(lora: MoELoRAGemmFusion, block_n: int, N: int) -> int:
     return block_n
 
 
-def no_lora_kernel_args() -> dict[str, Any]:
-    return dict(lora_slot_ptr=None, lora_enabled_ptr=None, lora_a0_ptr=None,
-                lora_a_meta_ptr=None, lora_b0_ptr=None, lora_b_meta_ptr=None,
-                lora_inter_ptr=None, lora_num_slices=0, lora_rank=0, stride_lar=0,
-                stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0, stride_li_s=0,
-                stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_EARLY=False, LORA_SPLIT_K=1,
-                LORA_BLOCK_L=1, LORA_BLOCK_R=16, LORA_PRECISION="ieee")
+# The kernel arguments of a GEMM without LoRA (read-only: copied, never changed).
+NO_LORA_KERNEL_ARGS: Mapping[str, Any] = MappingProxyType(dict(
+    lora_slot_ptr=None, lora_enabled_ptr=None, lora_a0_ptr=None, lora_a_meta_ptr=None,
+    lora_b0_ptr=None, lora_b_meta_ptr=None, lora_inter_ptr=None, lora_num_slices=0,
+    lora_rank=0, stride_lar=0, stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0,
+    stride_li_s=0, stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_EARLY=False,
+    LORA_SPLIT_K=1, LORA_BLOCK_L=1, LORA_BLOCK_R=16, LORA_PRECISION="ieee"))
 
 
 def lora_early_default(block_m: int) -> bool:
@@ -138,7 +140,7 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
     if lora.token_lora_slot.numel() * lora.top_k != num_valid_pairs:
         raise ValueError(f"{lora.token_lora_slot.numel()} token slots for {num_valid_pairs} "
                          f"pairs, top_k {lora.top_k}")
-    args = dict(no_lora_kernel_args(), lora_slot_ptr=lora.token_lora_slot,
+    args = dict(NO_LORA_KERNEL_ARGS, lora_slot_ptr=lora.token_lora_slot,
                 lora_enabled_ptr=lora.adapter_enabled, lora_b0_ptr=b0, lora_b_meta_ptr=b_table,
                 lora_num_slices=S, lora_rank=R, stride_lbn=stride_bn, stride_lbr=stride_br,
                 LORA_BLOCK_L=triton.next_power_of_2(L), LORA_BLOCK_R=rank_block(R),

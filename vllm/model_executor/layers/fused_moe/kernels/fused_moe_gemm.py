@@ -15,12 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MoELoRAGemmFusion, fusion_block_n,
-                                                        lora_early_default, lora_kernel_args,
-                                                        lora_operands, own_slot_columns,
+from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (NO_LORA_KERNEL_ARGS, MoELoRAGemmFusion,
+                                                        fusion_block_n, lora_early_default,
+                                                        lora_kernel_args, lora_operands,
                                                         lora_shrink_factor_tile,
                                                         moe_lora_gemm_delta_torch,
-                                                        no_lora_kernel_args)
+                                                        own_slot_columns)
 from vllm.model_executor.layers.fused_moe.kernels.moe_tile import moe_tile, moe_tile_store
 
 
@@ -163,7 +163,7 @@ def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     num_padded = sorted_pair_ids.numel()
     block_n = config["BLOCK_SIZE_N"]
     if lora is None:
-        lora_args = no_lora_kernel_args()
+        lora_args = NO_LORA_KERNEL_ARGS
     else:
         lora_args = lora_kernel_args(lora, a, num_valid_pairs, N,
                                      config.get("lora_early", lora_early_default(block_m)))
