@@ -23,7 +23,7 @@ from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora_expand, fused
 from vllm.lora.ops.triton_ops.lora_ops import lora_expand, lora_shrink, lora_shrink_split
 from vllm.lora.ops.triton_ops.moe_lora_configs import MoELoRALaunch, moe_lora_launch
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MAX_FUSED_WIDTH, MoELoRAGemmFusion,
-                                                        fused_width)
+                                                        fused_width, slice_boundaries)
 from vllm.lora.punica_wrapper.base import PunicaWrapperBase
 from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_size
 
@@ -110,10 +110,8 @@ class TritonPunicaWrapper(PunicaWrapperBase):
             return None
         if fused_width(ctx.max_loras, ctx.max_rank) > MAX_FUSED_WIDTH:
             return None
-        bounds = [b for off, w in zip(ctx.w13_slice_offsets, ctx.w13_lora_b)
-                  for b in (off, off + w.shape[2]) if 0 < b < w13_width]
-        bounds += [b for b in (ctx.w2_out_offset, ctx.w2_out_offset + ctx.w2_lora_b.shape[2])
-                   if 0 < b < hidden]
+        bounds = (slice_boundaries(ctx.w13_slice_offsets, ctx.w13_lora_b, w13_width)
+                  + slice_boundaries([ctx.w2_out_offset], [ctx.w2_lora_b], hidden))
         if any(b % 16 for b in bounds):
             return None  # some column block would straddle a slice
         # a shrink combine (fully sharded LoRA) runs between shrink and expand

@@ -87,11 +87,17 @@ def fused_width(num_slots: int, rank: int) -> int:
     return triton.next_power_of_2(num_slots) * rank_block(rank)
 
 
+def slice_boundaries(slice_offsets: list[int], lora_b: list[torch.Tensor], N: int) -> list[int]:
+    """The slices' edges strictly inside the GEMM's N output columns: no
+    column block may straddle one."""
+    return [b for off, w in zip(slice_offsets, lora_b) for b in (off, off + w.shape[2])
+            if 0 < b < N]
+
+
 def fusion_block_n(lora: MoELoRAGemmFusion, block_n: int, N: int) -> int:
     """The widest column block <= ``block_n`` (power of two, >= 16) that
     never straddles a slice boundary."""
-    bounds = [b for off, w in zip(lora.slice_offsets, lora.lora_b)
-              for b in (off, off + w.shape[2]) if 0 < b < N]
+    bounds = slice_boundaries(lora.slice_offsets, lora.lora_b, N)
     while block_n > 16 and any(b % block_n for b in bounds):
         block_n //= 2
     if any(b % block_n for b in bounds):
