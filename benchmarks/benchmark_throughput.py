@@ -12,6 +12,9 @@ next to Hugging Face transformers ``generate`` on the same model and batch.
     # (c) every request with one of 4 random rank-16 adapters (experts + q/v)
     python benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --lora-comparison 4
 
+    # what async scheduling (host work of step n+1 under the device's step n) gains
+    python benchmarks/benchmark_throughput.py --random-shape qwen3-30b-a3b --compare-sync
+
 Single-GPU configurations are all loaded at once and timed in alternation
 (``--repeats`` rounds, median shown with the spread of the runs), so the
 ratio column — each row against the first — compares runs made under the
@@ -227,6 +230,10 @@ def main() -> None:
                    help="time LoRA off / on with base requests / on with N adapters")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="engine flag for every row (default: the engine's, on for one GPU)")
+    p.add_argument("--compare-sync", action="store_true",
+                   help="add a row without LoRA and with synchronous scheduling")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed runs per configuration (the table shows the median)")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
@@ -244,16 +251,20 @@ def main() -> None:
     vocab = min(AutoConfig.from_pretrained(model).vocab_size, 400)
     prompts = random_prompts(args.batch_size, args.input_len, vocab)
     label = f"vllm tp={args.tensor_parallel_size}{' ep' if args.enable_expert_parallel else ''}"
-    specs: list[tuple[str, dict]] = [(label, {})]
+    common = {} if args.async_scheduling is None else {"async_scheduling": args.async_scheduling}
+    specs: list[tuple[str, dict]] = [(label, common)]
     if args.lora_comparison:
         from vllm.lora.request import LoRARequest
         n = args.lora_comparison
-        lora_kwargs = {"enable_lora": True, "max_loras": n, "max_lora_rank": args.lora_rank}
+        lora_kwargs = {**common, "enable_lora": True, "max_loras": n,
+                       "max_lora_rank": args.lora_rank}
         paths = [write_random_adapter(model, f"{model}-lora{i}-r{args.lora_rank}",
                                       args.lora_rank, seed=i) for i in range(n)]
         loras = [LoRARequest(f"a{i % n}", i % n + 1, paths[i % n]) for i in range(len(prompts))]
         specs += [("lora on, base requests", lora_kwargs),
                   (f"lora on, {n} adapters", {**lora_kwargs, "loras": loras})]
+    if args.compare_sync:
+        specs.append((f"{label}, sync scheduling", {"async_scheduling": False}))
     rows = [(name, statistics.median(times), times)
             for name, times in time_engines(specs, model, prompts, args)]
     if args.compare_hf:

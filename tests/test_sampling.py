@@ -13,9 +13,9 @@ def path(tmp_path_factory):
     return model_dir(str(tmp_path_factory.getbasetemp()), "qwen3_moe")
 
 
-@pytest.fixture(scope="module")
-def llm(path):
-    return LLM(path, dtype="float32", max_model_len=256)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(path, request):
+    return LLM(path, dtype="float32", max_model_len=256, async_scheduling=request.param)
 
 
 def tokens(outputs):
@@ -147,9 +147,11 @@ def test_invalid_sampling_params(kwargs, message):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_prompt_logprobs_equal_hf(path, chunk):
-    llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=chunk or 8192)
+def test_prompt_logprobs_equal_hf(path, chunk, async_scheduling):
+    llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=chunk or 8192,
+              async_scheduling=async_scheduling)
     tok = llm.get_tokenizer()
     out = llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3),
                        use_tqdm=False)[0]

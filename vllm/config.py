@@ -146,9 +146,13 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Continuous batching limits (prefills are chunked to fit the token budget)."""
+    """Continuous batching limits (prefills are chunked to fit the token budget).
+    ``async_scheduling``: schedule and launch step n+1 while the device runs
+    step n (the host's work hides behind the device's); resolved at engine
+    config time, on by default for a single GPU."""
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    async_scheduling: bool = False
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:

@@ -98,6 +98,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def no_penalties(self) -> bool:
+        return (self.presence_penalty == 0 and self.frequency_penalty == 0
+                and self.repetition_penalty == 1)
+
     def clone_for_child(self, index: int) -> "SamplingParams":
         """Settings for the index-th of n parallel samples: one sample each,
         and a distinct but reproducible seed."""

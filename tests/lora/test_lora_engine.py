@@ -55,9 +55,10 @@ def check(llm, path, references, prompts, outs, assignment):
         assert_greedy_consistent(ref, tok.encode(prompt), c.token_ids, c.logprobs)
 
 
-def test_mixed_batch_three_adapters_and_base(path, adapters, references):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_mixed_batch_three_adapters_and_base(path, adapters, references, async_scheduling):
     llm = LLM(path, dtype="float32", max_model_len=256, enable_lora=True, max_loras=3,
-              max_lora_rank=16)
+              max_lora_rank=16, async_scheduling=async_scheduling)
     assignment = [0, None, 1, 2, 0, None, 2, 1]
     prompts, outs = run_mixed(llm, adapters, assignment)
     check(llm, path, references, prompts, outs, assignment)
@@ -67,11 +68,12 @@ def test_mixed_batch_three_adapters_and_base(path, adapters, references):
         assert (o.outputs[0].token_ids == b.outputs[0].token_ids) == (a is None)
 
 
-def test_more_adapters_than_slots_and_cpu_cache(path, adapters, references):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_more_adapters_than_slots_and_cpu_cache(path, adapters, references, async_scheduling):
     # 5 adapters through 2 GPU slots and a CPU cache of 3: slots and cache
     # are both swapped (LRU) during the workload; all outputs stay exact
     llm = LLM(path, dtype="float32", max_model_len=256, enable_lora=True, max_loras=2,
-              max_cpu_loras=3, max_lora_rank=16)
+              max_cpu_loras=3, max_lora_rank=16, async_scheduling=async_scheduling)
     assignment = [0, 1, 2, 3, 4, None, 4, 3, 2, 1, 0, None]
     prompts, outs = run_mixed(llm, adapters, assignment)
     check(llm, path, references, prompts, outs, assignment)

@@ -30,7 +30,13 @@ class RequestStatus(enum.Enum):
 class Request:
     """One sequence being generated. ``num_computed_tokens`` counts the
     tokens whose keys and values sit in the KV cache; preemption resets it
-    to zero and the sequence is recomputed from its prompt and outputs."""
+    to zero and the sequence is recomputed from its prompt and outputs.
+
+    Under async scheduling a step is scheduled before the previous step's
+    tokens reach the host: ``pending_rows`` holds, per token sampled on the
+    device but not yet seen here, its row in its step's sampler output.
+    Those tokens count in ``num_tokens`` (the scheduler plans with them) but
+    are not in ``output_token_ids`` yet."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -54,6 +60,9 @@ class Request:
     # for the n samples of one parent request: its id and this sample's index
     parent_id: str | None = None
     index: int = 0
+    pending_rows: list[int] = field(default_factory=list)
+    # prompt + generated tokens after which the request ends on length
+    max_total_tokens: int = 1 << 62
 
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None:
@@ -63,19 +72,23 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.pending_rows)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has (``num_tokens`` less the pending)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def num_generated_tokens(self) -> int:
+        return len(self.output_token_ids) + len(self.pending_rows)
 
-    def prompt_logprob_span(self, num_new_tokens: int) -> range:
-        """Positions p of this step's chunk whose next prompt token's logprob
-        is wanted (empty when prompt_logprobs is off or the chunk is past
-        the prompt)."""
+    def prompt_logprob_span(self, start: int, num_new_tokens: int) -> range:
+        """Positions p of the chunk [start, start + num_new_tokens) whose next
+        prompt token's logprob is wanted (empty when prompt_logprobs is off
+        or the chunk is past the prompt)."""
         if self.sampling_params.prompt_logprobs is None:
             return range(0)
-        start = self.num_computed_tokens
         return range(start, max(start, min(start + num_new_tokens,
                                            len(self.prompt_token_ids) - 1)))
 

@@ -1,7 +1,9 @@
 """Continuous batching: every step, running requests advance first (one
 token each for decodes, the next chunk for unfinished prefills), then
 waiting requests join while the token budget, the sequence limit, free KV
-blocks and the adapter-slot limit allow. When blocks run out, the most
+blocks and the adapter-slot limit allow. Under async scheduling a running
+request's newest token may still be on the device; it counts as a token to
+compute like any other. When blocks run out, the most
 recently admitted running request is preempted and later recomputed."""
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ class Scheduler:
         queue = list(self.running)
         while queue and budget > 0:
             request = queue.pop(0)
+            if request.num_tokens >= request.max_total_tokens:
+                continue  # its last token is still on the device; it ends when that arrives
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not bm.allocate(request, request.num_computed_tokens + n):
                 victim = queue.pop() if queue else request

@@ -29,6 +29,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
     moe_backend: str = "auto"
     attention_backend: str = "auto"
     served_model_name: str | list[str] | None = None
@@ -69,6 +70,9 @@ class EngineArgs:
         add("--num-gpu-blocks-override", type=_nullable_int, default=None,
             help="use exactly this many KV-cache blocks (testing)")
         add("--enforce-eager", action="store_true", help="never capture CUDA graphs")
+        add("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+            help="schedule step n+1 while the GPU runs step n (default: on for one GPU; "
+                 "needs a single rank)")
         add("--moe-backend", type=str, default="auto",
             help="MoE experts backend: auto, or a backend name (torch, triton, grouped_mm, ...)")
         add("--attention-backend", type=str, default="auto", choices=["auto", "torch", "triton"])
@@ -111,12 +115,20 @@ class EngineArgs:
         cache = CacheConfig(self.block_size, self.gpu_memory_utilization,
                             self.num_gpu_blocks_override)
         cache.validate()
-        sched = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens or 8192)
-        sched.validate()
         parallel = ParallelConfig(self.tensor_parallel_size, self.enable_expert_parallel,
                                   self.expert_placement_strategy,
                                   self.distributed_executor_backend)
         parallel.validate()
+        async_scheduling = self.async_scheduling
+        if async_scheduling is None:
+            # on the CPU the step runs on the host anyway: nothing to hide
+            async_scheduling = device.device == "cuda" and parallel.world_size == 1
+        elif async_scheduling and parallel.world_size > 1:
+            raise ConfigError("--async-scheduling needs a single rank (the next step's "
+                              "input tokens stay on the sampling GPU)")
+        sched = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens or 8192,
+                                async_scheduling)
+        sched.validate()
         kernel = KernelConfig(self.moe_backend, self.attention_backend)
         if kernel.attention_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"unknown --attention-backend {kernel.attention_backend!r}; "

@@ -14,6 +14,7 @@ from vllm.core.scheduler import ScheduledBatch, Scheduler
 from vllm.engine.detokenizer import IncrementalDetokenizer, token_text
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
+from vllm.model_executor.layers.sampler import PendingSamplerOutput, PromptLogprobsOutput
 from vllm.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.worker.model_runner import ModelRunner
@@ -45,6 +46,15 @@ class InvalidRequestError(ValueError):
 
 
 @dataclass
+class LaunchedStep:
+    """A step sent to the device whose outputs the host has not taken yet."""
+    batch: ScheduledBatch
+    starts: list[int]           # each request's num_computed_tokens before the step
+    sampled: list[Request]      # requests that get a token, in sampler-row order
+    output: PendingSamplerOutput
+
+
+@dataclass
 class ParentRequest:
     """A request with n > 1 samples, run as n child requests."""
     request_id: str
@@ -70,6 +80,7 @@ class LLMEngine:
                                    lora.max_loras if lora else None)
         self.requests: dict[str, Request] = {}
         self.parents: dict[str, ParentRequest] = {}
+        self._in_flight: LaunchedStep | None = None
         logger.info("engine ready: %s on %s, dtype %s, %d KV blocks of %d tokens",
                     mc.architecture, config.device_config.device, mc.dtype, num_blocks,
                     config.cache_config.block_size)
@@ -142,6 +153,8 @@ class LLMEngine:
         if lora_request is not None:
             self.add_lora(lora_request)
         params = self._with_stop_ids(params)
+        max_len = self.config.model_config.max_model_len
+        max_total = min(len(token_ids) + (params.max_tokens or max_len), max_len)
         children = [params] if params.n == 1 else [params.clone_for_child(i)
                                                     for i in range(params.n)]
         parent = ParentRequest(request_id) if params.n > 1 else None
@@ -149,7 +162,8 @@ class LLMEngine:
             rid = request_id if parent is None else f"{i}_{request_id}"
             request = Request(rid, text, token_ids, child_params, lora_request,
                               arrival_time or time.monotonic(),
-                              parent_id=request_id if parent is not None else None, index=i)
+                              parent_id=request_id if parent is not None else None, index=i,
+                              max_total_tokens=max_total)
             request.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, token_ids, child_params.skip_special_tokens,
                 child_params.spaces_between_special_tokens)
@@ -197,32 +211,63 @@ class LLMEngine:
                     self.requests.pop(request.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
 
     # -- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then process the outputs of the step
+        before it (async scheduling: the device runs the new step meanwhile)
+        or of this one."""
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and not self._can_schedule_ahead(self._in_flight):
+            outputs += self._complete(self._in_flight)
+            self._in_flight = None
+        previous, self._in_flight = self._in_flight, self._launch()
+        if previous is not None:
+            outputs += self._complete(previous)
+        if not self.config.scheduler_config.async_scheduling and self._in_flight is not None:
+            outputs += self._complete(self._in_flight)
+            self._in_flight = None
+        return outputs
+
+    @staticmethod
+    def _can_schedule_ahead(in_flight: LaunchedStep) -> bool:
+        """Penalties read each row's past tokens on the host: a batch that
+        needs them waits for the tokens still on the device."""
+        return all(r.sampling_params.no_penalties for r in in_flight.sampled)
+
+    def _launch(self) -> LaunchedStep | None:
         batch = self.scheduler.schedule()
         if not batch.requests:
-            return []
+            return None
         model_input = self.runner.prepare_inputs(batch)
-        sampling_requests = [r for r, n in zip(batch.requests, batch.num_new_tokens)
-                             if r.num_computed_tokens + n == r.num_tokens]
-        sampling = self.runner.sampling_metadata(sampling_requests) if sampling_requests else None
-        result = self.executor.execute(model_input, sampling)
-        return self._process(batch, sampling_requests, result)
-
-    def _process(self, batch: ScheduledBatch, sampled: list[Request], result) -> list[RequestOutput]:
-        if result.prompt_logprobs is not None:
-            self._add_prompt_logprobs(batch, result.prompt_logprobs)
+        starts = [r.num_computed_tokens for r in batch.requests]
+        sampled = [r for r, n in zip(batch.requests, batch.num_new_tokens)
+                   if r.num_computed_tokens + n == r.num_tokens]
+        sampling = self.runner.sampling_metadata(sampled) if sampled else None
+        output = self.executor.execute(model_input, sampling)
         for request, n in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += n
+        for row, request in enumerate(sampled):
+            request.pending_rows.append(row)
+        return LaunchedStep(batch, starts, sampled, output)
+
+    def _complete(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Take a launched step's outputs into its requests (waits for the device)."""
+        result = step.output.result()
+        if result.prompt_logprobs is not None:
+            self._add_prompt_logprobs(step, result.prompt_logprobs)
+        tokens = result.sampled_token_ids.tolist()
         now = time.monotonic()
         updated: list[Request] = []
-        for row, request in enumerate(sampled):
-            token = result.sampled_token_ids[row]
+        for row, request in enumerate(step.sampled):
+            if request.status.finished:
+                continue  # stopped or aborted while this step ran: its token is dropped
+            request.pending_rows.pop(0)
+            token = tokens[row]
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
@@ -241,13 +286,13 @@ class LLMEngine:
             updated.append(request)
         return self._outputs(updated)
 
-    def _add_prompt_logprobs(self, batch: ScheduledBatch, out) -> None:
-        """Append this step's prompt logprobs to their requests; rows come in
+    def _add_prompt_logprobs(self, step: LaunchedStep, out: PromptLogprobsOutput) -> None:
+        """Append a step's prompt logprobs to their requests; rows come in
         the order ModelRunner.prepare_inputs laid them out."""
         row = 0
-        for request, n in zip(batch.requests, batch.num_new_tokens):
+        for request, start, n in zip(step.batch.requests, step.starts, step.batch.num_new_tokens):
             want = request.sampling_params.prompt_logprobs
-            for pos in request.prompt_logprob_span(n):
+            for pos in request.prompt_logprob_span(start, n):
                 entry: dict[int, Logprob] = {}
                 if out.top_token_ids is not None:
                     pairs = zip(out.top_token_ids[row][:want], out.top_logprobs[row][:want])
@@ -296,7 +341,7 @@ class LLMEngine:
                     return RequestStatus.FINISHED_STOPPED
         if params.max_tokens is not None and generated >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.model_config.max_model_len:
+        if request.num_known_tokens >= self.config.model_config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

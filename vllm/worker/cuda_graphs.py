@@ -56,10 +56,6 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(B, self.width, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, bool], _Graph] = {}
         self.pool = None
-        # pinned staging buffers, so a step's inputs reach the GPU in two copies
-        pinned = torch.cuda.is_available()
-        self.host_rows = torch.zeros(4, B, dtype=torch.long, pin_memory=pinned)
-        self.host_tables = torch.zeros(B, self.width, dtype=torch.int32, pin_memory=pinned)
 
     def _metadata(self, B: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -117,14 +113,16 @@ class DecodeGraphs:
         pad = B - n
         null = runner.null_block
         bs = runner.block_size
-        host = self.host_rows[:, :B]
+        # fresh pinned staging each step (the caching host allocator recycles
+        # it once its copy is done): the previous step's copy may still be queued
+        pinned = runner.device.type == "cuda"
+        host = torch.empty(4, B, dtype=torch.long, pin_memory=pinned)
         host[0, :n] = torch.tensor(inp.input_ids)
         host[1, :n] = torch.tensor(inp.positions)
         host[2, :n] = torch.tensor(inp.slot_mapping)
         host[3, :n] = torch.tensor(inp.seq_lens)
         host[:, n:] = torch.tensor([0, 0, null * bs, 1]).unsqueeze(1)
-        tables = self.host_tables[:B]
-        tables.fill_(null)
+        tables = torch.full((B, self.width), null, dtype=torch.int32, pin_memory=pinned)
         used = max(len(b) for b in inp.block_tables)  # one conversion for the whole batch
         tables[:n, :used] = torch.tensor([b + [null] * (used - len(b)) for b in inp.block_tables],
                                          dtype=torch.int32)
@@ -134,6 +132,7 @@ class DecodeGraphs:
         self.slot_mapping[:B].copy_(dev[2])
         self.seq_lens[:B].copy_(dev[3])
         self.block_tables[:B].copy_(tables, non_blocking=True)
+        runner.fill_pending_tokens(self.input_ids, inp)
         with_lora = False
         if runner.lora_manager is not None:
             ids = inp.token_lora_ids + [0] * pad

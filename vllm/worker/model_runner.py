@@ -2,10 +2,14 @@
 
 The runner owns the model, the per-layer KV cache tensors and the sampler.
 ``prepare_inputs`` is pure bookkeeping on host lists; ``execute`` does the
-device work.
+device work without waiting for the device: inputs go over from pinned
+memory, the sampled tokens come back through a ``PendingSamplerOutput``, and
+tokens the host has not seen yet (async scheduling) are read on the device
+from the previous step's sampler output.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +24,8 @@ from vllm.model_executor.build_context import ModelBuildContext
 from vllm.model_executor.layers.attention.backend import AttentionMetadata
 from vllm.model_executor.layers.attention.layer import Attention
 from vllm.model_executor.layers.attention.selector import get_attention_backend
-from vllm.model_executor.layers.sampler import (PromptLogprobsOutput, Sampler, SamplerOutput,
-                                                SamplingMetadata)
+from vllm.model_executor.layers.sampler import (PendingSamplerOutput, PromptLogprobsOutput,
+                                                Sampler, SamplerOutput, SamplingMetadata)
 from vllm.model_executor.model_loader.loader import load_model
 from vllm.model_executor.quantization import get_quantization_config
 
@@ -43,6 +47,11 @@ class ModelInput:
     prompt_logprob_rows: list[int] = field(default_factory=list)
     prompt_logprob_targets: list[int] = field(default_factory=list)
     prompt_logprob_top: int = 0
+    # rows whose token the previous step sampled and the host has not seen
+    # (its placeholder in input_ids is 0), and those tokens' rows in that
+    # step's sampler output
+    pending_rows: list[int] = field(default_factory=list)
+    pending_sources: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -72,6 +81,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.null_block = 0  # a block no request owns; padded rows write here
         self.graphs = None
+        self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device
 
     # -- KV cache -----------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -152,6 +162,7 @@ class ModelRunner:
         if self.graphs is None:
             return
         self.graphs = None
+        self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device
         import gc
         gc.collect()
         torch.cuda.synchronize(self.device)
@@ -188,7 +199,17 @@ class ModelRunner:
         for request, n in zip(batch.requests, batch.num_new_tokens):
             start = request.num_computed_tokens
             end = start + n
-            inp.input_ids.extend(request.all_token_ids[start:end])
+            prompt, known = request.prompt_token_ids, request.num_known_tokens
+            inp.input_ids.extend(prompt[start:min(end, len(prompt))])
+            if end > len(prompt):
+                inp.input_ids.extend(request.output_token_ids[max(start - len(prompt), 0):
+                                                              min(end, known) - len(prompt)])
+            if end > known:
+                # only the step in flight can hold this request's unseen tokens
+                assert end - known <= len(request.pending_rows) == 1
+                inp.pending_rows.append(len(inp.input_ids))
+                inp.pending_sources.append(request.pending_rows[0])
+                inp.input_ids.append(0)
             inp.positions.extend(range(start, end))
             inp.query_start_loc.append(inp.query_start_loc[-1] + n)
             inp.seq_lens.append(end)
@@ -196,7 +217,7 @@ class ModelRunner:
             blocks = request.block_ids
             inp.slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             inp.token_lora_ids.extend([request.lora_int_id] * n)
-            span = request.prompt_logprob_span(n)
+            span = request.prompt_logprob_span(start, n)
             if span:
                 first_row = inp.query_start_loc[-1] - n
                 inp.prompt_logprob_rows.extend(first_row + p - start for p in span)
@@ -218,54 +239,73 @@ class ModelRunner:
         if self.device.type == "cuda":
             host = host.pin_memory()
         rows = host.to(self.device, non_blocking=True)
-        min_tokens_block = {}
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        blocked_rows, blocked_ids = [], []
         for i, r in enumerate(requests):
             p = r.sampling_params
-            if len(r.output_token_ids) < p.min_tokens and p.all_stop_token_ids:
-                min_tokens_block[i] = p.all_stop_token_ids
+            if r.num_generated_tokens < p.min_tokens:
+                blocked_rows.extend([i] * len(p.all_stop_token_ids))
+                blocked_ids.extend(p.all_stop_token_ids)
+        random_dev = blocked_dev = blocked_ids_dev = None
+        if random_rows or blocked_rows:
+            random_dev, blocked_dev, blocked_ids_dev = self._device_ints(
+                [random_rows, blocked_rows, blocked_ids], torch.long)
         asked = [p.logprobs for p in params if p.logprobs is not None]
-        no_penalties = all(p.presence_penalty == 0 and p.frequency_penalty == 0
-                           and p.repetition_penalty == 1 for p in params)
+        no_penalties = all(p.no_penalties for p in params)
         return SamplingMetadata(
             temperature=rows[0], top_p=rows[1], top_k=rows[2].long(), min_p=rows[3],
             presence_penalty=rows[4], frequency_penalty=rows[5], repetition_penalty=rows[6],
             generators={i: r.generator for i, r in enumerate(requests) if r.generator is not None},
             output_token_ids=[r.output_token_ids for r in requests] if not no_penalties else [],
             prompt_token_ids=[r.prompt_token_ids for r in requests] if not no_penalties else [],
-            min_tokens_block=min_tokens_block,
+            random_rows=random_rows, random_rows_device=random_dev,
+            blocked_rows=blocked_dev if blocked_rows else None,
+            blocked_token_ids=blocked_ids_dev,
             max_num_logprobs=max(asked) if asked else None,
-            all_greedy=all(p.greedy for p in params),
             no_penalties=no_penalties)
 
-    def _attention_metadata(self, inp: ModelInput) -> AttentionMetadata:
-        dev = self.device
-        width = max(len(b) for b in inp.block_tables)
-        tables = [b + [0] * (width - len(b)) for b in inp.block_tables]
-        queries = [inp.query_start_loc[i + 1] - inp.query_start_loc[i]
-                   for i in range(len(inp.seq_lens))]
-        return AttentionMetadata(
-            num_seqs=len(inp.seq_lens), num_tokens=len(inp.input_ids),
-            query_start_loc=torch.tensor(inp.query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.int64, device=dev),
-            max_query_len=max(queries),
-            query_start_loc_cpu=inp.query_start_loc, seq_lens_cpu=inp.seq_lens)
+    def _device_ints(self, parts: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Host int lists -> device tensors, in one copy from pinned memory
+        that does not wait for the device."""
+        host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=dtype)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return list(host.to(self.device, non_blocking=True).split([len(p) for p in parts]))
+
+    def fill_pending_tokens(self, input_ids: torch.Tensor, inp: ModelInput) -> None:
+        """Put the previous step's sampled tokens into this step's placeholder rows."""
+        if inp.pending_rows:
+            rows, sources = self._device_ints([inp.pending_rows, inp.pending_sources],
+                                              torch.long)
+            input_ids[rows] = self.last_sampled[sources]
 
     def _forward(self, inp: ModelInput) -> torch.Tensor:
-        dev = self.device
         if self.lora_manager is not None:
             self.lora_manager.prepare_step(inp.token_lora_ids)
-        input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
-        return self.model(input_ids, positions, self._attention_metadata(inp))
+        input_ids, positions, slot_mapping = self._device_ints(
+            [inp.input_ids, inp.positions, inp.slot_mapping], torch.long)
+        self.fill_pending_tokens(input_ids, inp)
+        width = max(len(b) for b in inp.block_tables)
+        tables = [b + [0] * (width - len(b)) for b in inp.block_tables]
+        query_start_loc, seq_lens, block_tables = self._device_ints(
+            [inp.query_start_loc, inp.seq_lens, list(itertools.chain.from_iterable(tables))],
+            torch.int32)
+        queries = [inp.query_start_loc[i + 1] - inp.query_start_loc[i]
+                   for i in range(len(inp.seq_lens))]
+        meta = AttentionMetadata(
+            num_seqs=len(inp.seq_lens), num_tokens=len(inp.input_ids),
+            query_start_loc=query_start_loc, seq_lens=seq_lens,
+            block_tables=block_tables.view(len(tables), width), slot_mapping=slot_mapping,
+            max_query_len=max(queries),
+            query_start_loc_cpu=inp.query_start_loc, seq_lens_cpu=inp.seq_lens)
+        return self.model(input_ids, positions, meta)
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput, sampling: SamplingMetadata | None,
-                is_driver: bool = True) -> SamplerOutput | None:
-        """Run the step. Every rank computes the logits it needs (the LM
+                is_driver: bool = True) -> PendingSamplerOutput | None:
+        """Launch the step. Every rank computes the logits it needs (the LM
         head's gather is collective under tensor parallelism); the driver
-        rank samples and returns the result."""
+        rank samples and returns the result, still on its way to the host."""
         if self.graphs is not None and self.graphs.can_run(inp):
             logits, prompt_logprobs = self.graphs.run(inp), None
         else:
@@ -277,11 +317,12 @@ class ModelRunner:
             prompt_logprobs = self._prompt_logprobs(hidden, inp)
         if not is_driver:
             return None
-        out = SamplerOutput([])
+        out = SamplerOutput(torch.empty(0, dtype=torch.long))
         if logits is not None and sampling is not None:
             out = self.sampler(logits, sampling)
+            self.last_sampled = out.sampled_token_ids
         out.prompt_logprobs = prompt_logprobs
-        return out
+        return PendingSamplerOutput(out)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: ModelInput) -> PromptLogprobsOutput | None:
         """Logprobs of each requested prompt token given its prefix: the top

@@ -8,6 +8,7 @@ from the request's own generator when it has a seed.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,13 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]
     output_token_ids: list[list[int]]
     prompt_token_ids: list[list[int]]
-    # rows that must not stop yet -> token ids to suppress
-    min_tokens_block: dict[int, set[int]]
+    # rows sampled at random (temperature > 0): host list and device copy
+    random_rows: list[int]
+    random_rows_device: torch.Tensor | None
+    # (row, token id) pairs to suppress: stop tokens of rows under min_tokens
+    blocked_rows: torch.Tensor | None
+    blocked_token_ids: torch.Tensor | None
     max_num_logprobs: int | None       # largest `logprobs` in the batch, None if nobody asked
-    all_greedy: bool
     no_penalties: bool
 
 
@@ -44,13 +48,42 @@ class PromptLogprobsOutput:
 
 @dataclass
 class SamplerOutput:
-    sampled_token_ids: list[int]
+    sampled_token_ids: torch.Tensor                 # [N] int64
     # per row: top-N ids and logprobs, the sampled token's logprob and rank
     logprob_token_ids: torch.Tensor | None = None   # [N, max_num_logprobs]
     logprob_values: torch.Tensor | None = None      # [N, max_num_logprobs]
     sampled_logprobs: torch.Tensor | None = None    # [N]
     sampled_ranks: torch.Tensor | None = None       # [N]
     prompt_logprobs: PromptLogprobsOutput | None = None
+
+
+_DEVICE_FIELDS = ("sampled_token_ids", "logprob_token_ids", "logprob_values",
+                  "sampled_logprobs", "sampled_ranks")
+
+
+class PendingSamplerOutput:
+    """A step's sampler output on its way to the host. The device-to-host
+    copies queue behind the step and ``result`` waits for them alone, so the
+    host can schedule and launch the next step in the meantime."""
+
+    def __init__(self, out: SamplerOutput):
+        copies = {}
+        for name in _DEVICE_FIELDS:
+            t = getattr(out, name)
+            if t is not None and t.is_cuda:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                copies[name] = host.copy_(t, non_blocking=True)
+        self._done: torch.cuda.Event | None = None
+        if copies:
+            self._done = torch.cuda.Event()
+            self._done.record()
+        self._out = dataclasses.replace(out, **copies)
+
+    def result(self) -> SamplerOutput:
+        """The output with every tensor on the host (waits for the step)."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._out
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -96,17 +129,15 @@ class Sampler:
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        for row, blocked in meta.min_tokens_block.items():
-            logits[row, list(blocked)] = float("-inf")
+        # every index below was built on the host: no step here waits for the device
+        if meta.blocked_rows is not None:
+            logits[meta.blocked_rows, meta.blocked_token_ids] = float("-inf")
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta)
         sampled = logits.argmax(dim=-1)
-        if not meta.all_greedy:
-            random_rows = torch.nonzero(meta.temperature > 0).squeeze(1)
-            if random_rows.numel():
-                sub = _sample_rows(logits, meta, random_rows)
-                sampled[random_rows] = sub
-        out = SamplerOutput(sampled.tolist())
+        if meta.random_rows:
+            sampled[meta.random_rows_device] = _sample_rows(logits, meta)
+        out = SamplerOutput(sampled)
         if raw_logprobs is not None:
             n = meta.max_num_logprobs
             if n > 0:
@@ -118,13 +149,13 @@ class Sampler:
         return out
 
 
-def _sample_rows(logits: torch.Tensor, meta: SamplingMetadata,
-                 rows: torch.Tensor) -> torch.Tensor:
+def _sample_rows(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    rows = meta.random_rows_device
     scaled = logits[rows] / meta.temperature[rows].unsqueeze(1)
     masked = apply_top_k_top_p_min_p(scaled, meta.top_k[rows], meta.top_p[rows], meta.min_p[rows])
     probs = torch.softmax(masked, dim=-1)
     q = torch.empty_like(probs).exponential_()
-    for j, row in enumerate(rows.tolist()):
+    for j, row in enumerate(meta.random_rows):
         if row in meta.generators:
             q[j].exponential_(generator=meta.generators[row])
     return (probs / q).argmax(dim=-1)
