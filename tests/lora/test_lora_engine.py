@@ -222,3 +222,17 @@ def test_base_only_steps_use_the_fastest_backend(path, adapters):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         assert [{t: v.logprob for t, v in d.items()} for d in x.outputs[0].logprobs] == \
             [{t: v.logprob for t, v in d.items()} for d in y.outputs[0].logprobs]
+
+
+def test_slot_layers_are_the_layers_slot_adapters_touch(path, tmp_path):
+    """What a LoRA decode graph records: the layers of the adapters in the slots."""
+    attention_only = write_per_expert_adapter(path, str(tmp_path / "attn"), experts=(), seed=5)
+    llm = LLM(path, dtype="float32", max_model_len=256, enable_lora=True, max_loras=2,
+              max_lora_rank=16)
+    manager = llm.llm_engine.runner.lora_manager
+    assert manager.slot_layers == frozenset()
+    llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("attn", 1, attention_only),
+                 use_tqdm=False)
+    assert {name.rsplit(".", 1)[-1] for name in manager.slot_layers} == {"qkv_proj"}
+    llm.llm_engine.remove_lora(1)
+    assert manager.slot_layers == frozenset()

@@ -154,6 +154,34 @@ def test_gpu_cuda_graphs_match_eager(root):
     assert results[0] == results[2] and results[1] == results[3]
 
 
+@pytest.mark.gpu
+def test_gpu_graphs_follow_the_slot_adapters_layers(root):
+    """A LoRA decode graph records the kernels of the layers the adapters in
+    the slots touch and no others; an adapter on other layers entering a
+    slot gets a graph of its own. Tokens equal eager execution throughout."""
+    path = model_dir(str(root), "qwen3_moe")
+    attention_only = write_per_expert_adapter(path, str(root / "graph-attn"), experts=(), seed=5)
+    experts_only = write_per_expert_adapter(path, str(root / "graph-moe"), attention=(), seed=6)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    runs = []
+    for eager in (True, False):
+        llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=256, enable_lora=True,
+                  max_loras=1, max_lora_rank=16, enforce_eager=eager)
+        run = []
+        for i, adapter in enumerate((attention_only, experts_only, attention_only)):
+            lora = LoRARequest(f"a{i % 2}", i % 2 + 1, adapter)
+            run.append([o.outputs[0].token_ids for o in
+                        llm.generate(PROMPTS[:4], params, lora_request=lora, use_tqdm=False)])
+        runs.append(run)
+        if not eager:
+            layer_sets = llm.llm_engine.runner.graphs.lora_layer_sets
+            assert {frozenset(name.rsplit(".", 1)[-1] for name in s) for s in layer_sets} == \
+                {frozenset({"qkv_proj"}), frozenset({"experts"})}
+        del llm
+    assert runs[0] == runs[1]
+    assert runs[0][0] != runs[0][1]  # the two adapters differ
+
+
 @pytest.mark.parametrize("kind", ["per_expert", "peft_3d"])
 def test_fused_w13_wrapper_matches_merged_reference(root, kind, monkeypatch):
     """The fused-gate_up LoRA wrapper (the one GPT-OSS uses) on a model whose

@@ -24,7 +24,7 @@ from vllm.lora.layers.base import BaseLayerWithLoRA
 from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA, FusedMoEWithLoRA
 from vllm.lora.layers.linear import LinearWithLoRA
 from vllm.lora.peft import LinearTarget, LoRAAdapter, LoRAError, MoETarget, read_peft_adapter
-from vllm.lora.punica_wrapper.base import PunicaWrapperBase
+from vllm.lora.punica_wrapper.base import LayerSelection, PunicaWrapperBase
 from vllm.lora.request import LoRARequest
 from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 from vllm.model_executor.layers.linear import LinearBase
@@ -56,6 +56,7 @@ class LoRAModelManager:
         self._clock = 0
         # whether every layer was last told that no adapter is active
         self._layers_idle = False
+        self._slot_layers: frozenset[str] | None = None
         self.cpu_cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self.registered: dict[int, LoRARequest] = {}
 
@@ -126,7 +127,16 @@ class LoRAModelManager:
                 for layer in self.layers.values():
                     layer.reset_lora(slot)
                 self.slot_adapter[slot] = None
+                self._slot_layers = None
         return found
+
+    @property
+    def slot_layers(self) -> frozenset[str]:
+        """The LoRA layers some adapter in a slot has weights for."""
+        if self._slot_layers is None:
+            self._slot_layers = frozenset(name for name, layer in self.layers.items()
+                                          if layer.slots_with_weights)
+        return self._slot_layers
 
     def _activate(self, lora_int_id: int, needed: set[int]) -> int:
         if lora_int_id in self.slot_adapter:
@@ -146,6 +156,7 @@ class LoRAModelManager:
         for name, layer in self.layers.items():
             layer.set_lora(slot, self._layer_weights(adapter, name, layer))
         self.slot_adapter[slot] = lora_int_id
+        self._slot_layers = None
         return slot
 
     def _layer_weights(self, adapter: LoRAAdapter, name: str, layer: BaseLayerWithLoRA) -> Any:
@@ -164,7 +175,7 @@ class LoRAModelManager:
         for slot in slot_of.values():
             self._slot_clock[slot] = self._clock
         self.punica.update_mapping([slot_of.get(i, -1) for i in token_lora_ids])
-        idle = not slot_of and not self.punica.all_layers_active
+        idle = not slot_of and self.punica.layer_selection is LayerSelection.STEP
         if idle and self._layers_idle:
             return  # base-only after base-only: every layer already runs without LoRA
         for layer in self.layers.values():

@@ -7,11 +7,16 @@ KV block and run no adapter, and the logits of the real rows are read back.
 The model forward and the LM head run inside the graph; sampling stays
 outside.
 
-With LoRA enabled each bucket has two graphs: one without any LoRA work
-(steps whose tokens use no adapter pay nothing for ``--enable-lora``) and one
-with every LoRA layer's kernels recorded. The latter stays correct whatever
-adapters are loaded later: slot weights are zero where an adapter leaves a
-layer alone, and the MoE kernels skip disabled slots on device flags.
+With LoRA enabled, steps whose tokens use no adapter replay the base graph
+(they pay nothing for ``--enable-lora``). Steps with adapters replay a graph
+that records the LoRA kernels of exactly the layers the adapters in the
+slots touch (an adapter on q/v costs nothing on o_proj, the router or the
+experts), captured on first use of that layer set and bucket: slot weights
+are zero where an adapter leaves a layer alone and the MoE kernels skip
+disabled slots on device flags, so the graph stays right while the slots'
+layer set is the same. Past ``MAX_LORA_LAYER_SETS`` sets, one graph with
+every LoRA layer serves the rest. Startup runs every bucket once with every
+LoRA layer active, so no kernel compiles while serving.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm.logger import init_logger
+from vllm.lora.punica_wrapper.base import LayerSelection
 from vllm.model_executor.layers.attention.backend import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -32,6 +38,9 @@ logger = init_logger(__name__)
 def capture_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 129, 16)) + list(range(160, 513, 32))
     return [s for s in sizes if s <= max_num_seqs] or [1]
+
+
+MAX_LORA_LAYER_SETS = 4
 
 
 @dataclass
@@ -54,7 +63,9 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(B, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(B, self.width, dtype=torch.int32, device=dev)
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        # (bucket, LoRA layer set or None for no LoRA) -> graph
+        self.graphs: dict[tuple[int, frozenset[str] | None], _Graph] = {}
+        self.lora_layer_sets: set[frozenset[str]] = set()
         self.pool = None
 
     def _metadata(self, B: int) -> AttentionMetadata:
@@ -72,33 +83,60 @@ class DecodeGraphs:
         self.seq_lens.fill_(1)
         self.block_tables.fill_(null)
 
+    def _forward(self, B: int) -> torch.Tensor:
+        model = self.runner.model
+        return model.compute_logits(model(self.input_ids[:B], self.positions[:B],
+                                          self._metadata(B)))
+
+    def _capture(self, B: int, key: frozenset[str] | None) -> None:
+        """Capture the bucket's graph from the inputs now in the buffers (a
+        warm-up forward first builds what the kernels cache on first use;
+        it writes the same KV values the replay will)."""
+        self._forward(B)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(B)
+        self.pool = graph.pool()
+        self.graphs[(B, key)] = _Graph(graph, logits)
+
     @torch.inference_mode()
     def capture(self) -> None:
-        runner = self.runner
-        lora = runner.lora_manager
-        modes = [False, True] if lora is not None else [False]
+        """The base graph of every bucket; with LoRA, also one forward per
+        bucket with every LoRA layer active, which compiles their kernels."""
+        lora = self.runner.lora_manager
         self._reset_inputs()
         for B in reversed(self.sizes):  # largest first: later graphs reuse its memory
-            for with_lora in modes:
-                if lora is not None:
-                    lora.punica.all_layers_active = with_lora
-                    lora.prepare_step([0] * B)
-                meta = self._metadata(B)
-                for _ in range(2):  # compile every kernel variant before capture
-                    runner.model.compute_logits(runner.model(self.input_ids[:B],
-                                                             self.positions[:B], meta))
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    hidden = runner.model(self.input_ids[:B], self.positions[:B], meta)
-                    logits = runner.model.compute_logits(hidden)
-                self.pool = graph.pool()
-                self.graphs[(B, with_lora)] = _Graph(graph, logits)
-        if lora is not None:
-            lora.punica.all_layers_active = False
+            if lora is not None:
+                lora.punica.layer_selection = LayerSelection.ALL
+                lora.prepare_step([0] * B)
+                for _ in range(2):
+                    self._forward(B)
+                lora.punica.layer_selection = LayerSelection.STEP
+                lora.prepare_step([0] * B)
+            self._capture(B, None)
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs for decode batches of up to %d sequences",
                     len(self.graphs), self.max_batch)
+
+    def _lora_key(self, B: int, lora_ids: list[int]) -> frozenset[str]:
+        """The LoRA layer set of this step's graph; captures it on first use."""
+        lora = self.runner.lora_manager
+        key = lora.slot_layers
+        selection = LayerSelection.SLOTS
+        if key not in self.lora_layer_sets and len(self.lora_layer_sets) >= MAX_LORA_LAYER_SETS:
+            key, selection = frozenset(lora.layers), LayerSelection.ALL
+        if (B, key) not in self.graphs:
+            logger.info("capturing the CUDA graph of %d sequences for LoRA on %d layers",
+                        B, len(key))
+            lora.punica.layer_selection = selection
+            lora.prepare_step(lora_ids)
+            try:
+                self._capture(B, key)
+            finally:
+                lora.punica.layer_selection = LayerSelection.STEP
+            self.lora_layer_sets.add(key)
+        return key
 
     def can_run(self, inp: "ModelInput") -> bool:
         n = len(inp.seq_lens)
@@ -133,11 +171,12 @@ class DecodeGraphs:
         self.seq_lens[:B].copy_(dev[3])
         self.block_tables[:B].copy_(tables, non_blocking=True)
         runner.fill_pending_tokens(self.input_ids, inp)
-        with_lora = False
+        key = None
         if runner.lora_manager is not None:
             ids = inp.token_lora_ids + [0] * pad
             runner.lora_manager.prepare_step(ids)
-            with_lora = any(ids)
-        entry = self.graphs[(B, with_lora)]
+            if any(ids):
+                key = self._lora_key(B, ids)
+        entry = self.graphs[(B, key)]
         entry.graph.replay()
         return entry.logits[:n]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vllm.config import LoRAConfig
-from vllm.lora.punica_wrapper.base import PunicaWrapperBase
+from vllm.lora.punica_wrapper.base import LayerSelection, PunicaWrapperBase
 
 
 class BaseLayerWithLoRA(nn.Module):
@@ -47,8 +47,12 @@ class BaseLayerWithLoRA(nn.Module):
     def touched_this_step(self) -> bool:
         if self.punica is None:
             return False
-        return self.punica.all_layers_active or bool(self.punica.active_slots &
-                                                     self.slots_with_weights)
+        selection = self.punica.layer_selection
+        if selection is LayerSelection.ALL:
+            return True
+        if selection is LayerSelection.SLOTS:
+            return bool(self.slots_with_weights)
+        return bool(self.punica.active_slots & self.slots_with_weights)
 
 
 def copy_padded(dst: torch.Tensor, src: torch.Tensor) -> None:

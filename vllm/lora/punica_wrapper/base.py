@@ -8,6 +8,7 @@ experts implementation's ``apply()``. Subclasses bind the ops: torch
 """
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -17,6 +18,16 @@ from vllm.lora.lora_context import MoELoRAContext, ShrinkCombine
 from vllm.lora.token_mapping import LoRATokenMapping
 
 
+class LayerSelection(enum.Enum):
+    """Which LoRA layers run their kernels. STEP: those an adapter of this
+    step touches (eager steps). SLOTS: those any adapter in a slot touches
+    (CUDA graph capture: the graph stays right while the slots hold the same
+    adapters' layers). ALL: every LoRA layer (compiling before capture)."""
+    STEP = "step"
+    SLOTS = "slots"
+    ALL = "all"
+
+
 class PunicaWrapperBase(ABC):
     def __init__(self, max_loras: int, device: torch.device, max_num_tokens: int = 0):
         self.max_loras = max_loras
@@ -24,9 +35,7 @@ class PunicaWrapperBase(ABC):
         self.mapping: LoRATokenMapping | None = None
         # host copy of the slots used this step, to skip untouched layers
         self.active_slots: frozenset[int] = frozenset()
-        # While capturing a CUDA graph every LoRA layer must record its
-        # kernels, whatever adapters happen to be loaded.
-        self.all_layers_active = False
+        self.layer_selection = LayerSelection.STEP
         # The mapping lives in one fixed buffer ([slot_start | token slots |
         # sorted token ids], each token part ``capacity`` long) so that a
         # captured graph reads the current step's mapping at replay, and a
@@ -41,7 +50,7 @@ class PunicaWrapperBase(ABC):
 
     def update_mapping(self, token_lora_slot: list[int]) -> None:
         self.active_slots = frozenset(s for s in token_lora_slot if s >= 0)
-        if not self.active_slots and not self.all_layers_active:
+        if not self.active_slots and self.layer_selection is LayerSelection.STEP:
             return  # no layer reads the mapping this step: no device work at all
         n, L = len(token_lora_slot), self.max_loras + 1
         if n > self._capacity:
