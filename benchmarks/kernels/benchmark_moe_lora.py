@@ -7,6 +7,8 @@ bytes ceiling on retention — measured side by side in one run.
         --adapters 4 --ranks 16 --mode graph
     python benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 \
         --ranks 16 --mode graph --fusion gemm epilogue off    # where LoRA is computed
+    python benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 \
+        --ranks 16 --mode eager --profile 8                   # device time per kernel
     python benchmarks/kernels/benchmark_moe_lora.py --shapes tiny --backend torch   # CPU
 
 Every configuration is first checked against the torch reference (the
@@ -195,6 +197,20 @@ def copy_bandwidth(device: str) -> float:
     return 2 * a.numel() / (ms / 1e3)
 
 
+def kernel_breakdown(fn, iters: int, rows: int) -> str:
+    """Device time per call of the kernels ``fn`` launches (eager, warm L2)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:rows]
+    return "\n".join(f"    {e.self_device_time_total / iters:9.1f} us {e.count / iters:5.1f}x  "
+                     f"{e.key[:72]}" for e in events)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b"])
@@ -212,6 +228,8 @@ def main() -> None:
                    choices=["auto", "gemm", "epilogue", "off"],
                    help="where the Triton experts compute LoRA (VLLM_MOE_LORA_FUSION); "
                         "several values are timed side by side")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after each LoRA row, the ROWS kernels with the most device time")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = args.backend or ("triton" if device == "cuda" else "torch")
@@ -260,6 +278,10 @@ def main() -> None:
                       f"{base_b / (base_b + lora_b):>8.2f}{base_b / 1e6:>9.1f}"
                       f"{lora_b / 1e6:>9.2f}{frac(base_b, base_ms):>8.2f}"
                       f"{frac(base_b + lora_b, lora_ms):>8.2f}")
+                if args.profile and device == "cuda":
+                    print(kernel_breakdown(
+                        lambda: experts.apply(out, x, w, tw, ids, lora_context=ctx),
+                        args.iters, args.profile))
 
 
 if __name__ == "__main__":
