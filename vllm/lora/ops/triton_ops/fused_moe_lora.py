@@ -19,12 +19,10 @@ far fewer):
 - shrink: ``(M, max_loras, S * SPLIT_K)``; program
   ``(m, slot, s * SPLIT_K + j)`` computes ``x[rows] @ A_s[slot, e].T`` over
   the K blocks ``j, j + SPLIT_K, ...`` into ``out[s, pairs, :R]``;
-- expand: ``(S * cdiv(max N_s, BLOCK_N), M, max_loras)``;
-  program ``(s * NB + n, m, slot)`` adds ``inter[s, pairs] @ B_s[slot, e].T``
+- expand: ``(M, max_loras, S * cdiv(max N_s, BLOCK_N))``;
+  program ``(m, slot, s * NB + n)`` adds ``inter[s, pairs] @ B_s[slot, e].T``
   (times the pair's routing weight when given) to one column block of slice
-  s in ``y[pairs]``. One writer per element: no atomics. Column blocks vary
-  fastest, so the programs of one block of rows run together and their
-  read-modify-write of y covers whole rows at a time.
+  s in ``y[pairs]``. One writer per element: no atomics.
 
 A program returns at once when its slot's adapter does not touch the layer
 (``adapter_enabled[slot] == 0``), when its block lies past the slot's
@@ -112,10 +110,10 @@ def _moe_lora_expand_kernel(
         stride_yn, MUL_ROUTED_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT_K: tl.constexpr):
-    s = tl.program_id(0) // num_n_blocks
-    n0 = (tl.program_id(0) % num_n_blocks) * BLOCK_N
-    pid_m = tl.program_id(1)
-    slot = tl.program_id(2)
+    pid_m = tl.program_id(0)
+    slot = tl.program_id(1)
+    s = tl.program_id(2) // num_n_blocks
+    n0 = (tl.program_id(2) % num_n_blocks) * BLOCK_N
     w_ptr, stride_wl, stride_we, N, col_off = slice_meta(meta_ptr, s, w0_ptr)
     if n0 >= N:
         return
@@ -271,7 +269,7 @@ def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
     block_n = config["BLOCK_SIZE_N"]
     num_n_blocks = triton.cdiv(max_n, block_n)
     m_blocks = _grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
-    _moe_lora_expand_kernel[(S * num_n_blocks, m_blocks, L)](
+    _moe_lora_expand_kernel[(m_blocks, L, S * num_n_blocks)](
         parts, w0, table, y, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
         adapter_enabled, R, num_valid_pairs, num_n_blocks, sorted_pair_ids.stride(0),
         expert_ids.stride(0), *parts.stride(), stride_wn, stride_wr, y.stride(0), y.stride(1),
