@@ -7,6 +7,7 @@ dropped LoRA would fail the first check.)
 """
 import dataclasses
 import functools
+import os
 
 import pytest
 import torch
@@ -257,6 +258,10 @@ def conformance_params():
 # operands as float32 copies of the same values).
 @pytest.mark.parametrize("cls,variant,punica,activation,slices", conformance_params())
 def test_lora_backend_conformance_cpu(cls, variant, punica, activation, slices):
+    uses_triton = punica != "torch" or cls.__name__.startswith("Triton")
+    if uses_triton and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter (on only without CUDA); "
+                    "the GPU variant of this test covers it")
     # W8A8: a rounding boundary crossed by a last-bit difference moves one
     # activation by an FP8 step; rare, and small in the relative norm
     tol = 1e-3 if variant.startswith("fp8") and variant != "fp8-w8a16" else 1e-5
