@@ -25,6 +25,7 @@ purely bandwidth-bound implementation could keep.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -110,23 +111,36 @@ def experts_classes(quant: str, backend: str):
     return TritonFp8Experts, ref
 
 
+def random_tensor_fn(device: str, dtype: torch.dtype, seed: int):
+    """rnd(*shape, scale): seeded normal values, drawn on the device (fast
+    for multi-GB expert weights)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+    return rnd
+
+
+@functools.lru_cache(maxsize=1)  # the rows of one shape share their experts
+def expert_weights(shape: str, device: str, dtype: torch.dtype, quant: str,
+                   seed: int) -> ExpertWeights:
+    H, I, E, _ = SHAPES[shape]
+    rnd = random_tensor_fn(device, dtype, seed)
+    weights = ExpertWeights(rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5))
+    return weights if quant == "none" else quantize_experts(weights, quant, device)
+
+
 def build(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0,
           quant: str = "none", fusion: str = "auto"):
     H, I, E, k = SHAPES[case.shape]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def rnd(*shape, scale):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-
+    rnd = random_tensor_fn(device, dtype, seed + 1)
     scheme = {"none": "unquantized", "int4": "int4"}.get(quant, "fp8")
     cfg = FusedMoEConfig(num_experts=E, num_local_experts=E, top_k=k, hidden_size=H,
                          intermediate_size=I, activation=MoEActivation(), has_bias=False,
                          dtype=dtype, device=device, quant_scheme=scheme)
-    weights = ExpertWeights(rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5))
-    if quant != "none":
-        weights = quantize_experts(weights, quant, device)
+    weights = expert_weights(case.shape, device, dtype, quant, seed)
     x = rnd(case.tokens, H, scale=1.0)
-    logits = torch.randn(case.tokens, E, generator=g).to(device)
+    logits = rnd(case.tokens, E, scale=1.0).float()
     topk_weights, topk_ids = select_experts(logits, RouterConfig(k, renormalize=True))
     L, R = case.adapters, case.rank
     ctx_tensors = dict(
