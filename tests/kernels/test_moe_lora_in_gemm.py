@@ -136,7 +136,8 @@ def test_lora_in_gemm_argument_checks():
 def test_fusion_choice():
     from vllm.lora.ops.triton_ops.moe_lora_configs import fusion_default
     from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper
-    assert [fusion_default(t) for t in (1, 128, 512, 2048)] == ["epilogue", "epilogue", "off",
-                                                                "off"]
+    assert [fusion_default(t, 64) for t in (1, 128, 512, 2048)] == ["epilogue", "epilogue",
+                                                                    "off", "off"]
+    assert [fusion_default(t, 128) for t in (1, 128)] == ["off", "off"]
     with pytest.raises(ValueError, match="unknown MoE LoRA fusion"):
         TritonPunicaWrapper(2, torch.device("cpu"), moe_lora_fusion="fused")

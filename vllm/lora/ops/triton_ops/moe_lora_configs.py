@@ -23,6 +23,7 @@ import torch
 from vllm.lora.ops.triton_ops.fused_moe_lora import (moe_lora_block_size,
                                                      moe_lora_expand_config,
                                                      moe_lora_shrink_config)
+from vllm.lora.ops.triton_ops.moe_lora_in_gemm import fused_width
 from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import device_key, load_table
 
 
@@ -39,13 +40,15 @@ class MoELoRALaunch:
     fusion: str
 
 
-def fusion_default(num_tokens: int) -> str:
-    """Measured on the H100 (Qwen3-30B-A3B layer, 4 x rank 16; RESULTS.md):
-    the expand in the GEMM epilogue beats separate kernels up to 128 tokens
-    (16-row blocks) and loses from 512 up, where the wide epilogue tiles
-    cost more than the separate expands; the in-loop shrink lost at every
-    size."""
-    return "epilogue" if num_tokens <= 256 else "off"
+def fusion_default(num_tokens: int, width: int) -> str:
+    """``width``: columns of the side-by-side factor (``fused_width``).
+    Measured on the H100 (RESULTS.md): at width 64 (4 x rank 16) the expand
+    in the GEMM epilogue beats separate kernels up to 128 tokens (16-row
+    blocks) and loses from 512 up, where the wide epilogue tiles cost more
+    than the separate expands; at widths 128 and 256 (8 x r16, 4 x r32,
+    4 x r64, ...) it lost at every size (Qwen3-30B-A3B and GPT-OSS-20B
+    layers, 1-128 tokens); the in-loop shrink lost everywhere."""
+    return "epilogue" if num_tokens <= 256 and width <= 64 else "off"
 
 
 def moe_lora_config_filename(E: int, H: int, I: int, rank: int, max_loras: int,
@@ -60,15 +63,16 @@ def moe_lora_launch(num_tokens: int, top_k: int, E: int, H: int, I: int, rank: i
     """``rank``: the slots' rank; ``w13_rank``: the w13 shrink's output
     width (smaller under fully sharded LoRA)."""
     table = load_table(moe_lora_config_filename(E, H, I, rank, max_loras, dtype, device_key()))
+    width = fused_width(max_loras, rank)
     if table:
         entry = table[min(table, key=lambda t: (abs(t - num_tokens), t))]
         return MoELoRALaunch(entry["block_size_m"], entry["w13"]["shrink"],
                              entry["w13"]["expand"], entry["w2"]["shrink"],
                              entry["w2"]["expand"],
-                             entry.get("fusion", fusion_default(num_tokens)))
+                             entry.get("fusion", fusion_default(num_tokens, width)))
     pairs = num_tokens * top_k
     block = moe_lora_block_size(pairs, E, max_loras)
     return MoELoRALaunch(block, moe_lora_shrink_config(pairs, H, w13_rank, block, dtype),
                          moe_lora_expand_config(I, block),
                          moe_lora_shrink_config(pairs, I, rank, block, dtype),
-                         moe_lora_expand_config(H, block), fusion_default(num_tokens))
+                         moe_lora_expand_config(H, block), fusion_default(num_tokens, width))
