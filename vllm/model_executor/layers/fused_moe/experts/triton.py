@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from vllm.model_executor.layers.activation import gated_activation
 from vllm.model_executor.layers.fused_moe.experts.base import (ExpertWeights, FusedMoEExperts,
                                                                local_expert_ids)
 from vllm.model_executor.layers.fused_moe.moe_align import moe_align_block_size
@@ -86,7 +85,10 @@ class TritonGroupedExperts(FusedMoEExperts):
             state = self.apply_w13_lora(lora_context, x, cache1, ids)
 
         # (d)
-        cache2 = gated_activation(cache1, act.kind, act.interleaved, act.alpha, act.limit)
+        from vllm.model_executor.layers.fused_moe.kernels.gated_activation import (
+            gated_activation_triton)
+        cache2 = gated_activation_triton(cache1, act.kind, act.interleaved, act.alpha,
+                                         act.limit)
 
         # (e) GEMM 2: cache3[row] = (cache2[row] @ w2[e].T + bias) * routing weight.
         # Pairs routed to other ranks are in no block and keep their zeros.
