@@ -162,7 +162,6 @@ class ModelRunner:
         if self.graphs is None:
             return
         self.graphs = None
-        self.last_sampled: torch.Tensor | None = None  # the last step's tokens, on the device
         import gc
         gc.collect()
         torch.cuda.synchronize(self.device)
@@ -260,7 +259,7 @@ class ModelRunner:
             prompt_token_ids=[r.prompt_token_ids for r in requests] if not no_penalties else [],
             random_rows=random_rows, random_rows_device=random_dev,
             blocked_rows=blocked_dev if blocked_rows else None,
-            blocked_token_ids=blocked_ids_dev,
+            blocked_token_ids=blocked_ids_dev if blocked_rows else None,
             max_num_logprobs=max(asked) if asked else None,
             no_penalties=no_penalties)
 
