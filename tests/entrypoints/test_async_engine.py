@@ -16,14 +16,16 @@ from vllm.engine.llm_engine import InvalidRequestError, LLMEngine
 from vllm.entrypoints.openai.api_server import build_app, create_components
 
 
-def new_engine(model_path: str) -> LLMEngine:
-    return LLMEngine(EngineArgs(model_path, dtype="float32", max_model_len=256)
+def new_engine(model_path: str, async_scheduling: bool | None = None) -> LLMEngine:
+    return LLMEngine(EngineArgs(model_path, dtype="float32", max_model_len=256,
+                                async_scheduling=async_scheduling)
                      .create_engine_config(), progress=False)
 
 
-@pytest.fixture(scope="module")
-def components(model_path):
-    c = create_components(new_engine(model_path))
+# the engine thread with steps scheduled one by one and ahead of the device
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def components(model_path, request):
+    c = create_components(new_engine(model_path, request.param))
     yield c
     c.engine.shutdown()
 
