@@ -155,16 +155,19 @@ def test_gpu_cuda_graphs_match_eager(root):
 
 
 @pytest.mark.gpu
-def test_gpu_graphs_follow_the_slot_adapters_layers(root):
+def test_gpu_graphs_follow_the_slot_adapters_layers(root, monkeypatch):
     """A LoRA decode graph records the kernels of the layers the adapters in
     the slots touch and no others; an adapter on other layers entering a
-    slot gets a graph of its own. Tokens equal eager execution throughout."""
+    slot gets a graph of its own, or, past the limit of layer sets, the
+    graph of every LoRA layer. Tokens equal eager execution throughout."""
+    from vllm.worker import cuda_graphs
     path = model_dir(str(root), "qwen3_moe")
     attention_only = write_per_expert_adapter(path, str(root / "graph-attn"), experts=(), seed=5)
     experts_only = write_per_expert_adapter(path, str(root / "graph-moe"), attention=(), seed=6)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     runs = []
-    for eager in (True, False):
+    for eager, max_sets in ((True, None), (False, 4), (False, 1)):
+        monkeypatch.setattr(cuda_graphs, "MAX_LORA_LAYER_SETS", max_sets)
         llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=256, enable_lora=True,
                   max_loras=1, max_lora_rank=16, enforce_eager=eager)
         run = []
@@ -175,10 +178,14 @@ def test_gpu_graphs_follow_the_slot_adapters_layers(root):
         runs.append(run)
         if not eager:
             layer_sets = llm.llm_engine.runner.graphs.lora_layer_sets
+            every_layer = frozenset(llm.llm_engine.runner.lora_manager.layers)
+            expected = {frozenset({"qkv_proj"})} | (
+                {frozenset({"experts"})} if max_sets > 1 else
+                {frozenset(name.rsplit(".", 1)[-1] for name in every_layer)})
             assert {frozenset(name.rsplit(".", 1)[-1] for name in s) for s in layer_sets} == \
-                {frozenset({"qkv_proj"}), frozenset({"experts"})}
+                expected
         del llm
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]
     assert runs[0][0] != runs[0][1]  # the two adapters differ
 
 
