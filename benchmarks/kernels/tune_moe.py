@@ -38,6 +38,9 @@ from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_exp
 SPACES = {
     "quick": dict(m=[16, 32, 64, 128], n=[64, 128], k=[64, 128], group=[1, 16], warps=[4],
                   stages=[3, 4]),
+    # narrow column blocks (more programs over few experts) for decode sizes
+    "small": dict(m=[16], n=[16, 32, 64], k=[64, 128, 256], group=[1], warps=[2, 4],
+                  stages=[3, 4, 5]),
     # wide tiles only, with 8 warps and deeper pipelines: for thousands of tokens
     "large": dict(m=[64, 128], n=[128, 256], k=[64, 128], group=[1, 16], warps=[4, 8],
                   stages=[3, 4]),
