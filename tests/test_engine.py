@@ -133,8 +133,11 @@ def mixed_requests() -> list[tuple[str, SamplingParams]]:
         (PROMPTS[2], SamplingParams(temperature=0.8, top_k=5, seed=3, n=2, max_tokens=7,
                                     ignore_eos=True)),
         (PROMPTS[3], SamplingParams(temperature=0, max_tokens=16, stop=["e"], ignore_eos=True)),
-        (PROMPTS[4], SamplingParams(temperature=0, max_tokens=12, min_tokens=4,
-                                    repetition_penalty=1.5, ignore_eos=True)),
+        # greedy alone this prompt repeats one token five times: penalties must
+        # see each step's newest token, even while it is still on the device
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, min_tokens=4,
+                                    repetition_penalty=1.2, frequency_penalty=0.3,
+                                    ignore_eos=True)),
         (PROMPTS[5], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2)),
         (PROMPTS[6], SamplingParams(temperature=0, max_tokens=30)),
     ]

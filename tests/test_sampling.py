@@ -182,3 +182,39 @@ def test_chat_applies_the_template(llm):
     two = llm.chat([messages, [{"role": "user", "content": "bye"}]],
                    SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(two) == 2
+
+
+def test_penalties_match_a_per_token_reference():
+    """apply_penalties against the rules written out token by token: repetition
+    on prompt and generated tokens, frequency per generated repeat, presence
+    once per generated token."""
+    from vllm.model_executor.layers.sampler import SamplingMetadata, apply_penalties
+    g = torch.Generator().manual_seed(0)
+    V = 11
+    logits = torch.randn(3, V, generator=g) * 3
+    prompts = [[1, 2, 2], [5], []]
+    outputs = [[2, 3, 3, 3], [], [7, 7, 0]]
+    rep, freq, pres = [1.5, 1.2, 1.0], [0.5, 0.0, 1.0], [0.25, 0.7, 0.0]
+    expected = logits.clone()
+    for i in range(3):
+        for t in range(V):
+            if t in prompts[i] or t in outputs[i]:
+                x = expected[i, t]
+                expected[i, t] = x / rep[i] if x > 0 else x * rep[i]
+            n = outputs[i].count(t)
+            expected[i, t] -= freq[i] * n + pres[i] * (n > 0)
+
+    def pairs(lists):
+        return (torch.tensor([i for i, ids in enumerate(lists) for _ in ids], dtype=torch.long),
+                torch.tensor([t for ids in lists for t in ids], dtype=torch.long))
+
+    (out_rows, out_ids), (prompt_rows, prompt_ids) = pairs(outputs), pairs(prompts)
+    row = torch.tensor
+    meta = SamplingMetadata(
+        temperature=row([0.0] * 3), top_p=row([1.0] * 3), top_k=row([0] * 3), min_p=row([0.0] * 3),
+        presence_penalty=row(pres), frequency_penalty=row(freq), repetition_penalty=row(rep),
+        generators={}, penalty_output_rows=out_rows, penalty_output_ids=out_ids,
+        penalty_prompt_rows=prompt_rows, penalty_prompt_ids=prompt_ids, random_rows=[],
+        random_rows_device=None, blocked_rows=None, blocked_token_ids=None,
+        max_num_logprobs=None, no_penalties=False)
+    torch.testing.assert_close(apply_penalties(logits, meta), expected)

@@ -222,9 +222,6 @@ class LLMEngine:
         before it (async scheduling: the device runs the new step meanwhile)
         or of this one."""
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and not self._can_schedule_ahead(self._in_flight):
-            outputs += self._complete(self._in_flight)
-            self._in_flight = None
         previous, self._in_flight = self._in_flight, self._launch()
         if previous is not None:
             outputs += self._complete(previous)
@@ -232,12 +229,6 @@ class LLMEngine:
             outputs += self._complete(self._in_flight)
             self._in_flight = None
         return outputs
-
-    @staticmethod
-    def _can_schedule_ahead(in_flight: LaunchedStep) -> bool:
-        """Penalties read each row's past tokens on the host: a batch that
-        needs them waits for the tokens still on the device."""
-        return all(r.sampling_params.no_penalties for r in in_flight.sampled)
 
     def _launch(self) -> LaunchedStep | None:
         batch = self.scheduler.schedule()

@@ -251,17 +251,39 @@ class ModelRunner:
                 [random_rows, blocked_rows, blocked_ids], torch.long)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         no_penalties = all(p.no_penalties for p in params)
+        penalty_pairs = [None] * 4 if no_penalties else self._penalty_pairs(requests)
         return SamplingMetadata(
             temperature=rows[0], top_p=rows[1], top_k=rows[2].long(), min_p=rows[3],
             presence_penalty=rows[4], frequency_penalty=rows[5], repetition_penalty=rows[6],
             generators={i: r.generator for i, r in enumerate(requests) if r.generator is not None},
-            output_token_ids=[r.output_token_ids for r in requests] if not no_penalties else [],
-            prompt_token_ids=[r.prompt_token_ids for r in requests] if not no_penalties else [],
+            penalty_output_rows=penalty_pairs[0], penalty_output_ids=penalty_pairs[1],
+            penalty_prompt_rows=penalty_pairs[2], penalty_prompt_ids=penalty_pairs[3],
             random_rows=random_rows, random_rows_device=random_dev,
             blocked_rows=blocked_dev if blocked_rows else None,
             blocked_token_ids=blocked_ids_dev if blocked_rows else None,
             max_num_logprobs=max(asked) if asked else None,
             no_penalties=no_penalties)
+
+    def _penalty_pairs(self, requests: list[Request]) -> list[torch.Tensor]:
+        """(row, token id) of every generated and every prompt token, on the
+        device; a generated token still on the device (async scheduling) is
+        read there, from the previous step's sampler output."""
+        out_rows, out_ids, prompt_rows, prompt_ids, pending_rows, pending_sources = \
+            [], [], [], [], [], []
+        for i, r in enumerate(requests):
+            out_rows += [i] * len(r.output_token_ids)
+            out_ids += r.output_token_ids
+            prompt_rows += [i] * len(r.prompt_token_ids)
+            prompt_ids += r.prompt_token_ids
+            pending_rows += [i] * len(r.pending_rows)
+            pending_sources += r.pending_rows
+        out_rows_d, out_ids_d, prompt_rows_d, prompt_ids_d, pending_rows_d, sources_d = \
+            self._device_ints([out_rows, out_ids, prompt_rows, prompt_ids, pending_rows,
+                               pending_sources], torch.long)
+        if pending_rows:
+            out_rows_d = torch.cat([out_rows_d, pending_rows_d])
+            out_ids_d = torch.cat([out_ids_d, self.last_sampled[sources_d]])
+        return [out_rows_d, out_ids_d, prompt_rows_d, prompt_ids_d]
 
     def _device_ints(self, parts: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
         """Host int lists -> device tensors, in one copy from pinned memory

@@ -24,8 +24,12 @@ class SamplingMetadata:
     frequency_penalty: torch.Tensor    # [N]
     repetition_penalty: torch.Tensor   # [N]
     generators: dict[int, torch.Generator]
-    output_token_ids: list[list[int]]
-    prompt_token_ids: list[list[int]]
+    # penalties (None without): (row, token id) pairs of every generated
+    # token, repeats included, and of every prompt token
+    penalty_output_rows: torch.Tensor | None
+    penalty_output_ids: torch.Tensor | None
+    penalty_prompt_rows: torch.Tensor | None
+    penalty_prompt_ids: torch.Tensor | None
     # rows sampled at random (temperature > 0): host list and device copy
     random_rows: list[int]
     random_rows_device: torch.Tensor | None
@@ -89,13 +93,13 @@ class PendingSamplerOutput:
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     N, V = logits.shape
     device = logits.device
+    out_rows, out_ids = meta.penalty_output_rows, meta.penalty_output_ids
     out_counts = torch.zeros(N, V, device=device)
+    out_counts.index_put_((out_rows, out_ids), torch.ones(out_ids.shape, device=device),
+                          accumulate=True)
     seen = torch.zeros(N, V, dtype=torch.bool, device=device)
-    for i, (out, prompt) in enumerate(zip(meta.output_token_ids, meta.prompt_token_ids)):
-        if out:
-            ids = torch.tensor(out, device=device)
-            out_counts[i].index_add_(0, ids, torch.ones(len(out), device=device))
-        seen[i, torch.tensor(prompt + out, device=device, dtype=torch.long)] = True
+    seen[meta.penalty_prompt_rows, meta.penalty_prompt_ids] = True
+    seen[out_rows, out_ids] = True
     rep = meta.repetition_penalty.unsqueeze(1)
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)
