@@ -330,9 +330,7 @@ class LLMEngine:
                     request.output_text = request.output_text[:end]
                     request.stop_reason = stop
                     return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and generated >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_known_tokens >= self.config.model_config.max_model_len:
+        if request.num_known_tokens >= request.max_total_tokens:  # max_tokens or max_model_len
             return RequestStatus.FINISHED_LENGTH
         return None
 
