@@ -229,15 +229,12 @@ class ModelRunner:
 
     def sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
         params = [r.sampling_params for r in requests]
-        # every per-row setting in one host tensor: one async copy per step
-        host = torch.tensor([[0.0 if p.greedy else p.temperature for p in params],
-                             [p.top_p for p in params], [p.top_k for p in params],
-                             [p.min_p for p in params], [p.presence_penalty for p in params],
-                             [p.frequency_penalty for p in params],
-                             [p.repetition_penalty for p in params]], dtype=torch.float32)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        rows = host.to(self.device, non_blocking=True)
+        # every per-row setting in one async copy
+        rows = self._to_device([[0.0 if p.greedy else p.temperature for p in params],
+                                [p.top_p for p in params], [p.top_k for p in params],
+                                [p.min_p for p in params], [p.presence_penalty for p in params],
+                                [p.frequency_penalty for p in params],
+                                [p.repetition_penalty for p in params]], torch.float32)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         blocked_rows, blocked_ids = [], []
         for i, r in enumerate(requests):
@@ -247,7 +244,7 @@ class ModelRunner:
                 blocked_ids.extend(p.all_stop_token_ids)
         random_dev = blocked_dev = blocked_ids_dev = None
         if random_rows or blocked_rows:
-            random_dev, blocked_dev, blocked_ids_dev = self._device_ints(
+            random_dev, blocked_dev, blocked_ids_dev = self._to_device(
                 [random_rows, blocked_rows, blocked_ids], torch.long)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         no_penalties = all(p.no_penalties for p in params)
@@ -278,16 +275,17 @@ class ModelRunner:
             pending_rows += [i] * len(r.pending_rows)
             pending_sources += r.pending_rows
         out_rows_d, out_ids_d, prompt_rows_d, prompt_ids_d, pending_rows_d, sources_d = \
-            self._device_ints([out_rows, out_ids, prompt_rows, prompt_ids, pending_rows,
+            self._to_device([out_rows, out_ids, prompt_rows, prompt_ids, pending_rows,
                                pending_sources], torch.long)
         if pending_rows:
             out_rows_d = torch.cat([out_rows_d, pending_rows_d])
             out_ids_d = torch.cat([out_ids_d, self.last_sampled[sources_d]])
         return [out_rows_d, out_ids_d, prompt_rows_d, prompt_ids_d]
 
-    def _device_ints(self, parts: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Host int lists -> device tensors, in one copy from pinned memory
-        that does not wait for the device."""
+    def _to_device(self, parts: list[list[int | float]],
+                   dtype: torch.dtype) -> list[torch.Tensor]:
+        """Host lists -> device tensors of ``dtype``, in one copy from pinned
+        memory that does not wait for the device."""
         host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=dtype)
         if self.device.type == "cuda":
             host = host.pin_memory()
@@ -296,19 +294,19 @@ class ModelRunner:
     def fill_pending_tokens(self, input_ids: torch.Tensor, inp: ModelInput) -> None:
         """Put the previous step's sampled tokens into this step's placeholder rows."""
         if inp.pending_rows:
-            rows, sources = self._device_ints([inp.pending_rows, inp.pending_sources],
+            rows, sources = self._to_device([inp.pending_rows, inp.pending_sources],
                                               torch.long)
             input_ids[rows] = self.last_sampled[sources]
 
     def _forward(self, inp: ModelInput) -> torch.Tensor:
         if self.lora_manager is not None:
             self.lora_manager.prepare_step(inp.token_lora_ids)
-        input_ids, positions, slot_mapping = self._device_ints(
+        input_ids, positions, slot_mapping = self._to_device(
             [inp.input_ids, inp.positions, inp.slot_mapping], torch.long)
         self.fill_pending_tokens(input_ids, inp)
         width = max(len(b) for b in inp.block_tables)
         tables = [b + [0] * (width - len(b)) for b in inp.block_tables]
-        query_start_loc, seq_lens, block_tables = self._device_ints(
+        query_start_loc, seq_lens, block_tables = self._to_device(
             [inp.query_start_loc, inp.seq_lens, list(itertools.chain.from_iterable(tables))],
             torch.int32)
         queries = [inp.query_start_loc[i + 1] - inp.query_start_loc[i]
