@@ -1,8 +1,8 @@
-// MoE bookkeeping on the GPU, one kernel launch per op, on the caller's
-// stream (so CUDA graphs can capture them):
-//  - vllm_moe_align_cuda: block alignment of routed pairs (one thread block
-//    per adapter slot for the LoRA variant), with the exact output contract
-//    of moe_align_block_size_torch (see csrc/moe_align_cpu.cpp);
+// MoE bookkeeping on the GPU, on the caller's stream (so CUDA graphs can
+// capture them):
+//  - vllm_moe_align_cuda: block alignment of routed pairs, per adapter slot
+//    for the LoRA variant, with the exact output contract of
+//    moe_align_block_size_torch (see csrc/moe_align_cpu.cpp);
 //  - vllm_topk_route_cuda: softmax / sigmoid / top-k-softmax routing with
 //    optional renormalisation and scaling, one warp per token.
 #include <cstdint>
@@ -15,67 +15,108 @@ namespace {
 
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
+// Pairs per thread block when the alignment is split over many blocks. One
+// block's walk over its pairs is a chain of dependent global loads (about a
+// microsecond per 32 pairs a warp takes): a single block over 65536 pairs
+// took ~100 us, so large batches spread the walk over blocks of this many.
+constexpr int kChunk = 2048;
+// Up to this many pairs one block does everything in one launch; above it
+// three launches (count, scan, scatter) over kChunk-pair blocks are faster.
+constexpr int64_t kSingleBlockPairs = 2 * kChunk;
 
-// Pairs are split into kWarps contiguous chunks, one per warp. Counting
-// (shared atomics, order-free) gives each (chunk, expert) its count; an
-// exclusive scan over chunks then experts gives each chunk the first slot of
-// its pairs of each expert; the scatter walks every chunk in order, ranking
-// lanes of one warp that share an expert with __match_any_sync, so pairs of
-// an expert land in increasing pair order.
-__global__ void __launch_bounds__(kThreads)
-moe_align_kernel(const int32_t* __restrict__ ids, int64_t num_pairs, int top_k,
-                 const int32_t* __restrict__ token_slot, int num_experts, int block_size,
-                 int32_t* __restrict__ sorted_ids, int64_t sorted_len,
-                 int32_t* __restrict__ expert_ids, int64_t num_blocks,
-                 int32_t* __restrict__ total) {
-  const int slot = blockIdx.x;
-  sorted_ids += slot * sorted_len;
-  expert_ids += slot * num_blocks;
-  extern __shared__ int32_t smem[];
-  int32_t* counts = smem;                               // [kWarps][E]
-  int32_t* start = smem + kWarps * num_experts;         // [E]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+int64_t num_chunks(int64_t num_pairs) {
+  return num_pairs <= kSingleBlockPairs ? 0 : (num_pairs + kChunk - 1) / kChunk;
+}
 
-  for (int i = threadIdx.x; i < kWarps * num_experts; i += kThreads) counts[i] = 0;
-  __syncthreads();
+// The expert of pair p if it is aligned in this slot, else -1.
+struct PairExperts {
+  const int32_t* ids;
+  int64_t num_pairs;
+  int top_k;
+  const int32_t* token_slot;  // null: one alignment of every pair
+  int num_experts;
 
-  auto expert_of = [&](int64_t p) -> int {
+  __device__ int operator()(int64_t p, int slot) const {
     if (p >= num_pairs) return -1;
-    int e = ids[p];
+    const int e = ids[p];
     if (e < 0 || e >= num_experts) return -1;
     if (token_slot != nullptr && token_slot[p / top_k] != slot) return -1;
     return e;
-  };
-  const int64_t chunk = (num_pairs + kWarps - 1) / kWarps;
-  const int64_t lo = warp * chunk;
-  const int64_t hi = lo + chunk < num_pairs ? lo + chunk : num_pairs;
-  for (int64_t p = lo + lane; p < hi; p += 32) {
-    int e = expert_of(p);
-    if (e >= 0) atomicAdd(&counts[warp * num_experts + e], 1);
+  }
+};
+
+// A block's pairs [lo, hi) are split into kWarps contiguous runs, one per
+// warp. counts [kWarps][E] (shared) gets each (run, expert)'s count; shared
+// atomics, order-free.
+__device__ void count_warp_runs(const PairExperts& expert_of, int slot, int64_t lo, int64_t hi,
+                                int32_t* counts) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int E = expert_of.num_experts;
+  for (int i = threadIdx.x; i < kWarps * E; i += kThreads) counts[i] = 0;
+  __syncthreads();
+  const int64_t run = (hi - lo + kWarps - 1) / kWarps;
+  const int64_t run_lo = lo + warp * run;
+  const int64_t run_hi = run_lo + run < hi ? run_lo + run : hi;
+  for (int64_t p = run_lo + lane; p < run_hi; p += 32) {
+    const int e = expert_of(p, slot);
+    if (e >= 0) atomicAdd(&counts[warp * E + e], 1);
   }
   __syncthreads();
+}
 
-  // thread e: offsets of each chunk within expert e, and e's padded size
-  int padded = 0;
+// Thread e < E: turns its column of counts into each run's offset within the
+// block's pairs of expert e; returns the block's count of expert e (0 for
+// other threads).
+__device__ int offsets_over_warp_runs(int32_t* counts, int num_experts) {
+  int running = 0;
   if (threadIdx.x < num_experts) {
-    int running = 0;
     for (int w = 0; w < kWarps; ++w) {
-      int c = counts[w * num_experts + threadIdx.x];
+      const int c = counts[w * num_experts + threadIdx.x];
       counts[w * num_experts + threadIdx.x] = running;
       running += c;
     }
-    padded = (running + block_size - 1) / block_size * block_size;
   }
+  return running;
+}
+
+// Writes each pair of [lo, hi) to sorted_ids[start[e] + its rank among the
+// block's pairs of expert e]. Runs walk in order; lanes of a warp that share
+// an expert are ranked with __match_any_sync, so an expert's pairs land in
+// increasing pair order.
+__device__ void scatter_warp_runs(const PairExperts& expert_of, int slot, int64_t lo, int64_t hi,
+                                  int32_t* counts, const int32_t* start, int32_t* sorted_ids) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int E = expert_of.num_experts;
+  const int64_t run = (hi - lo + kWarps - 1) / kWarps;
+  const int64_t run_lo = lo + warp * run;
+  const int64_t run_hi = run_lo + run < hi ? run_lo + run : hi;
+  for (int64_t base = run_lo; base < run_hi; base += 32) {
+    const int64_t p = base + lane;
+    const int e = p < run_hi ? expert_of(p, slot) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    if (e >= 0) {
+      const int rank = __popc(peers & ((1u << lane) - 1));
+      sorted_ids[start[e] + counts[warp * E + e] + rank] = static_cast<int32_t>(p);
+    }
+    __syncwarp();
+    if (e >= 0 && lane == __ffs(peers) - 1) counts[warp * E + e] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// From each expert's pair count (thread e < E holds it): the padded runs'
+// starts (written to start[], shared, when given), the expert id of every
+// block, the sentinel-filled tail's start in total[slot]. Returns thread e's
+// first slot.
+__device__ int lay_out_experts(int count, int num_experts, int block_size, int32_t* expert_ids,
+                               int64_t num_blocks, int32_t* total, int slot) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
+  const int padded = threadIdx.x < num_experts
+                         ? (count + block_size - 1) / block_size * block_size : 0;
   int first = 0, all = 0;
   Scan(scan_storage).ExclusiveSum(padded, first, all);
-  if (threadIdx.x < num_experts) start[threadIdx.x] = first;
   if (threadIdx.x == 0) total[slot] = all;
-
-  for (int64_t i = threadIdx.x; i < sorted_len; i += kThreads) {
-    sorted_ids[i] = static_cast<int32_t>(num_pairs);
-  }
   for (int64_t b = threadIdx.x; b < num_blocks; b += kThreads) expert_ids[b] = -1;
   __syncthreads();
   if (threadIdx.x < num_experts) {
@@ -83,19 +124,101 @@ moe_align_kernel(const int32_t* __restrict__ ids, int64_t num_pairs, int top_k,
       expert_ids[b] = threadIdx.x;
     }
   }
+  return first;
+}
 
-  for (int64_t base = lo; base < hi; base += 32) {
-    const int64_t p = base + lane;
-    const int e = p < hi ? expert_of(p) : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, e);
-    if (e >= 0) {
-      const int rank = __popc(peers & ((1u << lane) - 1));
-      sorted_ids[start[e] + counts[warp * num_experts + e] + rank] = static_cast<int32_t>(p);
-    }
-    __syncwarp();
-    if (e >= 0 && lane == __ffs(peers) - 1) counts[warp * num_experts + e] += __popc(peers);
-    __syncwarp();
+// One block per slot does all of it (small batches: one launch).
+__global__ void __launch_bounds__(kThreads)
+moe_align_single_block_kernel(PairExperts expert_of, int block_size, int32_t* __restrict__ sorted_ids,
+                              int64_t sorted_len, int32_t* __restrict__ expert_ids,
+                              int64_t num_blocks, int32_t* __restrict__ total) {
+  const int slot = blockIdx.x;
+  sorted_ids += slot * sorted_len;
+  expert_ids += slot * num_blocks;
+  const int E = expert_of.num_experts;
+  extern __shared__ int32_t smem[];
+  int32_t* counts = smem;               // [kWarps][E]
+  int32_t* start = smem + kWarps * E;   // [E]
+
+  count_warp_runs(expert_of, slot, 0, expert_of.num_pairs, counts);
+  const int count = offsets_over_warp_runs(counts, E);
+  const int first = lay_out_experts(count, E, block_size, expert_ids, num_blocks, total, slot);
+  if (threadIdx.x < E) start[threadIdx.x] = first;
+  for (int64_t i = threadIdx.x; i < sorted_len; i += kThreads) {
+    sorted_ids[i] = static_cast<int32_t>(expert_of.num_pairs);
   }
+  __syncthreads();
+  scatter_warp_runs(expert_of, slot, 0, expert_of.num_pairs, counts, start, sorted_ids);
+}
+
+// Large batches, launch 1 of 3; grid (chunks, slots): each chunk's count of
+// every expert into chunk_counts [slots][chunks][E], and the sentinel fill.
+__global__ void __launch_bounds__(kThreads)
+moe_align_count_kernel(PairExperts expert_of, int32_t* __restrict__ chunk_counts,
+                       int32_t* __restrict__ sorted_ids, int64_t sorted_len) {
+  const int chunk = blockIdx.x, slot = blockIdx.y;
+  const int E = expert_of.num_experts;
+  extern __shared__ int32_t smem[];  // [E]
+  for (int e = threadIdx.x; e < E; e += kThreads) smem[e] = 0;
+  __syncthreads();
+  const int64_t lo = static_cast<int64_t>(chunk) * kChunk;
+  for (int64_t p = lo + threadIdx.x; p < lo + kChunk; p += kThreads) {
+    const int e = expert_of(p, slot);
+    if (e >= 0) atomicAdd(&smem[e], 1);
+  }
+  int32_t* slot_sorted = sorted_ids + slot * sorted_len;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(chunk) * kThreads + threadIdx.x; i < sorted_len;
+       i += stride) {
+    slot_sorted[i] = static_cast<int32_t>(expert_of.num_pairs);
+  }
+  __syncthreads();
+  int32_t* out = chunk_counts + (static_cast<int64_t>(slot) * gridDim.x + chunk) * E;
+  for (int e = threadIdx.x; e < E; e += kThreads) out[e] = smem[e];
+}
+
+// Launch 2 of 3; one block per slot: chunk counts -> each chunk's first
+// position for each expert (in place), the experts' layout, the total.
+__global__ void __launch_bounds__(kThreads)
+moe_align_scan_kernel(int num_experts, int64_t chunks, int block_size,
+                      int32_t* __restrict__ chunk_counts, int32_t* __restrict__ expert_ids,
+                      int64_t num_blocks, int32_t* __restrict__ total) {
+  const int slot = blockIdx.x;
+  const int e = threadIdx.x;
+  int32_t* column = chunk_counts + slot * chunks * num_experts + e;
+  int count = 0;
+  if (e < num_experts) {
+    for (int64_t c = 0; c < chunks; ++c) count += column[c * num_experts];
+  }
+  const int first = lay_out_experts(count, num_experts, block_size,
+                                    expert_ids + slot * num_blocks, num_blocks, total, slot);
+  if (e < num_experts) {
+    int running = first;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int n = column[c * num_experts];
+      column[c * num_experts] = running;
+      running += n;
+    }
+  }
+}
+
+// Launch 3 of 3; grid (chunks, slots): the chunk's pairs to their places.
+__global__ void __launch_bounds__(kThreads)
+moe_align_scatter_kernel(PairExperts expert_of, const int32_t* __restrict__ chunk_starts,
+                         int32_t* __restrict__ sorted_ids, int64_t sorted_len) {
+  const int chunk = blockIdx.x, slot = blockIdx.y;
+  const int E = expert_of.num_experts;
+  extern __shared__ int32_t smem[];
+  int32_t* counts = smem;               // [kWarps][E]
+  int32_t* start = smem + kWarps * E;   // [E]
+  const int64_t lo = static_cast<int64_t>(chunk) * kChunk;
+  const int64_t hi = lo + kChunk < expert_of.num_pairs ? lo + kChunk : expert_of.num_pairs;
+  count_warp_runs(expert_of, slot, lo, hi, counts);
+  offsets_over_warp_runs(counts, E);
+  const int32_t* starts = chunk_starts + (static_cast<int64_t>(slot) * gridDim.x + chunk) * E;
+  for (int e = threadIdx.x; e < E; e += kThreads) start[e] = starts[e];
+  __syncthreads();
+  scatter_warp_runs(expert_of, slot, lo, hi, counts, start, sorted_ids + slot * sorted_len);
 }
 
 template <typename T>
@@ -202,23 +325,49 @@ static bool use_device(int32_t device) {
   return current == device || cudaSetDevice(device) == cudaSuccess;
 }
 
+// Workspace the alignment needs, in int32 entries (0: none).
+extern "C" int64_t vllm_moe_align_cuda_workspace(int64_t num_pairs, int32_t num_experts,
+                                                 int32_t num_slots) {
+  return num_chunks(num_pairs) * num_experts * num_slots;
+}
+
+static bool allow_shared(const void* kernel, size_t bytes) {
+  return bytes <= 48 * 1024 ||
+         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes)) == cudaSuccess;
+}
+
 extern "C" int vllm_moe_align_cuda(const int32_t* ids, int64_t num_pairs, int32_t top_k,
                                    const int32_t* token_slot, int32_t num_slots,
                                    int32_t num_experts, int32_t block_size, int32_t* sorted_ids,
                                    int64_t sorted_len, int32_t* expert_ids, int64_t num_blocks,
-                                   int32_t* total, int32_t device, void* stream) {
+                                   int32_t* total, int32_t* workspace, int32_t device,
+                                   void* stream) {
   if (num_experts <= 0 || num_experts > kThreads || block_size <= 0 || top_k <= 0) return 1;
   if (!use_device(device)) return 5;
-  const size_t smem = sizeof(int32_t) * (kWarps + 1) * num_experts;
-  if (smem > 48 * 1024) {
-    if (cudaFuncSetAttribute(moe_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)) != cudaSuccess) {
+  const PairExperts expert_of{ids, num_pairs, top_k, token_slot, num_experts};
+  const auto s = static_cast<cudaStream_t>(stream);
+  const size_t run_smem = sizeof(int32_t) * (kWarps + 1) * num_experts;
+  const int64_t chunks = num_chunks(num_pairs);
+  if (chunks == 0) {
+    if (!allow_shared(reinterpret_cast<const void*>(moe_align_single_block_kernel), run_smem)) {
       return 3;
     }
+    moe_align_single_block_kernel<<<num_slots, kThreads, run_smem, s>>>(
+        expert_of, block_size, sorted_ids, sorted_len, expert_ids, num_blocks, total);
+  } else {
+    if (workspace == nullptr) return 6;
+    if (!allow_shared(reinterpret_cast<const void*>(moe_align_scatter_kernel), run_smem)) {
+      return 3;
+    }
+    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(num_slots));
+    moe_align_count_kernel<<<grid, kThreads, sizeof(int32_t) * num_experts, s>>>(
+        expert_of, workspace, sorted_ids, sorted_len);
+    moe_align_scan_kernel<<<num_slots, kThreads, 0, s>>>(num_experts, chunks, block_size,
+                                                         workspace, expert_ids, num_blocks, total);
+    moe_align_scatter_kernel<<<grid, kThreads, run_smem, s>>>(expert_of, workspace, sorted_ids,
+                                                              sorted_len);
   }
-  moe_align_kernel<<<num_slots, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-      ids, num_pairs, top_k, token_slot, num_experts, block_size, sorted_ids, sorted_len,
-      expert_ids, num_blocks, total);
   return cudaGetLastError() == cudaSuccess ? 0 : 4;
 }
 

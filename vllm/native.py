@@ -65,7 +65,9 @@ def library(kind: str) -> ctypes.CDLL | None:
                                            _I64, _P]
     else:
         lib.vllm_moe_align_cuda.argtypes = [_P, _I64, _I32, _P, _I32, _I32, _I32, _P, _I64, _P,
-                                            _I64, _P, _I32, _P]
+                                            _I64, _P, _P, _I32, _P]
+        lib.vllm_moe_align_cuda_workspace.argtypes = [_I64, _I32, _I32]
+        lib.vllm_moe_align_cuda_workspace.restype = _I64
         lib.vllm_topk_route_cuda.argtypes = [_P, _I32, _I64, _I32, _I32, _I32, _I32, _F32, _P,
                                              _P, _I32, _P]
     return lib
@@ -105,9 +107,13 @@ def moe_align(topk_ids: torch.Tensor, block_size: int, num_experts: int,
     slot_ptr = slots.data_ptr() if slots is not None else None
     if device.type == "cuda":
         stream = torch.cuda.current_stream(device).cuda_stream
+        # large batches split the work over many blocks, which pass counts through it
+        workspace = torch.empty(lib.vllm_moe_align_cuda_workspace(T * k, num_experts, L),
+                                dtype=torch.int32, device=device)
         _check(lib.vllm_moe_align_cuda(ids.data_ptr(), T * k, k, slot_ptr, L, num_experts,
                                        block_size, sorted_ids.data_ptr(), P,
                                        expert_ids.data_ptr(), P // block_size, total.data_ptr(),
+                                       workspace.data_ptr() if workspace.numel() else None,
                                        device.index, stream), "moe_align")
     else:
         for s in range(L):

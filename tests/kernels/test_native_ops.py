@@ -68,6 +68,22 @@ def test_cuda_alignment_is_bit_exact(T, k, E, bs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T,k,E", [(513, 8, 128), (2048, 8, 128), (8192, 8, 128), (3000, 2, 33),
+                                   (4097, 1, 4)])
+@pytest.mark.parametrize("bs", [16, 64])
+def test_cuda_alignment_over_many_blocks_is_bit_exact(T, k, E, bs):
+    """Above 4096 pairs the alignment runs as count / scan / scatter launches
+    over blocks of 2048 pairs (the last one partial here)."""
+    g = torch.Generator().manual_seed(T + k + E + bs)
+    for ep in (False, True):
+        ids = random_ids(T, k, E, g, ep).cuda()
+        assert_bitwise(native.moe_align(ids, bs, E), moe_align_block_size_torch(ids, bs, E))
+        slots = torch.randint(-1, 4, (T,), generator=g).cuda()
+        assert_bitwise(native.moe_align(ids, bs, E, slots, 4),
+                       moe_lora_align_block_size_torch(ids, slots, bs, E, 4))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("scoring,renorm,scale", [("softmax", True, 1.0), ("softmax", False, 1.0),
                                                   ("sigmoid", True, 2.5),
                                                   ("topk_softmax", True, 1.0)])
