@@ -1,22 +1,26 @@
 """One expert GEMM of a Qwen3-30B-A3B layer alone (GPU), without LoRA and
 with LoRA inside it (``moe_lora_in_gemm``): in-loop shrink ("gemm"), and the
-shrink output read in the epilogue before the K loop ("epi-early") or after
-it ("epi-late"). Each is timed with the base GEMM's tuned config and with the
-best of a small sweep, which tells whether a LoRA placement is slow in
-itself or only with the base's launch parameters.
+shrink output read in the epilogue before the K loop ("epi-early"), after
+it ("epi-late"), or after it one dot per slot ("epi-slots"). Each is
+timed with the base GEMM's tuned config and with the best of a small
+sweep, which tells whether a LoRA placement is slow in itself or only with
+the base's launch parameters.
 
     python benchmarks/kernels/sweep_lora_gemm.py 1 8 128 512     # token counts
+    python benchmarks/kernels/sweep_lora_gemm.py 2048 8192 --tuned-only
 
 4 adapters of rank 16, tokens round-robin over them; CUDA-graph replay with
 a cold L2 (``timing.time_fn``), microseconds.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import sys
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -29,7 +33,12 @@ from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (  # noqa
 from vllm.model_executor.layers.fused_moe.moe_align import moe_align_block_size  # noqa: E402
 from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_experts  # noqa: E402
 
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("tokens", type=int, nargs="*", default=[1, 8, 128, 512])
+    p.add_argument("--tuned-only", action="store_true", help="skip the sweep")
+    args = p.parse_args()
     H, I, E, k, L, R = 2048, 768, 128, 8, 4, 16
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator().manual_seed(0)
@@ -39,9 +48,8 @@ def main() -> None:
     b13 = [rnd(L, E, I, R) for _ in range(2)]
     a2, b2 = rnd(L, E, R, I), rnd(L, E, H, R)
     enabled = torch.ones(L, dtype=torch.int32, device=dev)
-    tokens = [int(t) for t in sys.argv[1:]] or [1, 8, 128, 512]
     print(f"{'T':>5} {'gemm':<4} {'variant':<10} {'tuned us':>9} {'best us':>9}  best config")
-    for T in tokens:
+    for T in args.tokens:
         x = rnd(T, H) * 20
         cache2 = rnd(T * k, I) * 20
         tw, ids = select_experts(torch.randn(T, E, generator=g).to(dev), RouterConfig(k))
@@ -57,20 +65,26 @@ def main() -> None:
             inter = torch.randn(1, len(fa), T * k, R, device=dev)
             gemm = MoELoRAGemmFusion(slots, enabled, fb, offs, k, lora_a=fa)
             epi = MoELoRAGemmFusion(slots, enabled, fb, offs, k, inter=inter)
-            variants = {"base": (None, False), "gemm": (gemm, True), "epi-early": (epi, True),
-                        "epi-late": (epi, False)}
-            for vname, (lora, early) in variants.items():
+            variants = {"base": (None, False, False), "gemm": (gemm, True, False),
+                        "epi-early": (epi, True, False), "epi-late": (epi, False, False),
+                        "epi-slots": (epi, False, True)}
+            for vname, (lora, early, per_slot) in variants.items():
                 def run(c, lora=lora, a=a, w=w, out=out, gather=gather, weights=weights,
                         aligned=aligned):
                     invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
                                           config=c, lora=lora, **aligned)
-                tuned = time_fn(lambda: run(dict(cfg, lora_early=early)), "graph", dev, 20)
+                lora_cfg = dict(lora_early=early, lora_per_slot=per_slot)
+                try:
+                    tuned = time_fn(lambda: run(dict(cfg, **lora_cfg)), "graph", dev, 20)
+                except OutOfResources:  # e.g. shared memory
+                    tuned = float("inf")
                 best = (tuned, cfg)
-                for n, kk, st in itertools.product([64, 128], [64, 128], [3, 4]):
-                    c = dict(cfg, BLOCK_SIZE_N=n, BLOCK_SIZE_K=kk, num_stages=st, lora_early=early)
+                sweep = [] if args.tuned_only else itertools.product([64, 128], [64, 128], [3, 4])
+                for n, kk, st in sweep:
+                    c = dict(cfg, BLOCK_SIZE_N=n, BLOCK_SIZE_K=kk, num_stages=st, **lora_cfg)
                     try:
                         t = time_fn(lambda: run(c), "graph", dev, 10)
-                    except Exception:
+                    except OutOfResources:
                         continue
                     best = min(best, (t, c), key=lambda b: b[0])
                 shown = {k_: v for k_, v in best[1].items() if k_ != "GROUP_SIZE_M"}

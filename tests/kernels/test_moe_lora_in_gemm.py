@@ -52,9 +52,12 @@ def make_case(case, dtype, gather_rows, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-L{c[3]}-R{c[4]}-S{len(c[5])}")
 @pytest.mark.parametrize("gather_rows,with_weights", [(True, False), (False, True)])
-@pytest.mark.parametrize("shrink_in_gemm,early", [(True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("shrink_in_gemm,early,per_slot", [(True, True, False),
+                                                           (False, True, False),
+                                                           (False, False, False),
+                                                           (False, False, True)])
 def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shrink_in_gemm,
-                                    early):
+                                    early, per_slot):
     T, k = case[0], case[1]
     gen = torch.Generator().manual_seed(T * 13 + case[2])
     (topk_weights, topk_ids, slots, enabled, offsets, a, b, lora_a, lora_b,
@@ -78,7 +81,7 @@ def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shri
     want = got.clone()
     config = dict(BLOCK_SIZE_M=aligned["sorted_pair_ids"].numel() // aligned["expert_ids"].numel(),
                   BLOCK_SIZE_N=64, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2,
-                  lora_early=early)
+                  lora_early=early, lora_per_slot=per_slot)
     gemm.invoke_fused_moe_gemm(a, b, got, bias=bias, topk_weights=weights, config=config,
                                lora=lora, **aligned)
     gemm.fused_moe_gemm_torch(a, b, want, bias=bias, topk_weights=weights, lora=lora,
@@ -136,8 +139,9 @@ def test_lora_in_gemm_argument_checks():
 def test_fusion_choice():
     from vllm.lora.ops.triton_ops.moe_lora_configs import fusion_default
     from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper
-    assert [fusion_default(t, 64) for t in (1, 128, 512, 2048)] == ["epilogue", "epilogue",
-                                                                    "off", "off"]
-    assert [fusion_default(t, 128) for t in (1, 128)] == ["off", "off"]
+    assert [fusion_default(t, 64) for t in (1, 128, 512, 8192)] == ["epilogue"] * 4
+    assert [fusion_default(t, 128) for t in (1, 128, 512, 8192)] == ["off", "off", "epilogue",
+                                                                     "epilogue"]
+    assert [fusion_default(t, 256) for t in (128, 512, 2048)] == ["off", "off", "epilogue"]
     with pytest.raises(ValueError, match="unknown MoE LoRA fusion"):
         TritonPunicaWrapper(2, torch.device("cpu"), moe_lora_fusion="fused")

@@ -42,13 +42,16 @@ class MoELoRALaunch:
 
 def fusion_default(num_tokens: int, width: int) -> str:
     """``width``: columns of the side-by-side factor (``fused_width``).
-    Measured on the H100 (RESULTS.md): at width 64 (4 x rank 16) the expand
-    in the GEMM epilogue beats separate kernels up to 128 tokens (16-row
-    blocks) and loses from 512 up, where the wide epilogue tiles cost more
-    than the separate expands; at widths 128 and 256 (8 x r16, 4 x r32,
-    4 x r64, ...) it lost at every size (Qwen3-30B-A3B and GPT-OSS-20B
-    layers, 1-128 tokens); the in-loop shrink lost everywhere."""
-    return "epilogue" if num_tokens <= 256 and width <= 64 else "off"
+    Measured on the H100 (Qwen3-30B-A3B layer, RESULTS.md, session 6): the
+    expand in the GEMM epilogue beats separate kernels at width 64 (4 x
+    rank 16) at every size but 512 tokens (2% behind there), by 10-23% from
+    2048 tokens, where the separate expand's read-modify-write of the GEMM
+    outputs dominates. Wider factors lose at 16-row blocks (<= 128 tokens:
+    the side-by-side tile is too large) and win from 512 tokens at width
+    128, from 2048 at 256 (one dot per slot on wide blocks)."""
+    if width <= 64 or num_tokens >= 2048 or (width <= 128 and num_tokens >= 512):
+        return "epilogue"
+    return "off"
 
 
 def moe_lora_config_filename(E: int, H: int, I: int, rank: int, max_loras: int,

@@ -29,6 +29,10 @@ runs with are masked in the loads: they cost MMA width, not bytes.
 Either way the epilogue forms ``t [BLOCK_M, L*R]`` and adds
 ``t @ B_tile [L*R, BLOCK_N]`` in fp32 to the accumulator, so bias and
 routing weight apply to base and delta alike and the sum is rounded once.
+Blocks of 64 rows and more (``LORA_PER_SLOT``, shrink done) add one
+rank-R dot per slot instead: ``t`` and the side-by-side factor tile with its
+pointers spilled registers beside those accumulators (40% slower GEMMs at
+128 x 256 tiles), the per-slot tiles do not.
 
 The LoRA operands of a block sit behind a chain of dependent small loads
 (pair -> slot -> adapter flag, slice table -> factor pointer -> tile),
@@ -112,7 +116,7 @@ NO_LORA_KERNEL_ARGS: Mapping[str, Any] = MappingProxyType(dict(
     lora_b0_ptr=None, lora_b_meta_ptr=None, lora_inter_ptr=None, lora_num_slices=0,
     lora_rank=0, stride_lar=0, stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0,
     stride_li_s=0, stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_EARLY=False,
-    LORA_SPLIT_K=1, LORA_BLOCK_L=1, LORA_BLOCK_R=16, LORA_PRECISION="ieee"))
+    LORA_PER_SLOT=False, LORA_SPLIT_K=1, LORA_BLOCK_L=1, LORA_BLOCK_R=16, LORA_PRECISION="ieee"))
 
 
 def lora_early_default(block_m: int) -> bool:
@@ -121,12 +125,23 @@ def lora_early_default(block_m: int) -> bool:
     return block_m <= 64
 
 
+def lora_per_slot_default(block_m: int) -> bool:
+    """One dot per slot in the epilogue from 64-row blocks (see
+    ``lora_add_per_slot``): on the H100 at 512 tokens of a Qwen3-30B-A3B
+    layer (64-row blocks) it beat the side-by-side dot before or after the
+    loop by 10-30%, and at 2048-8192 (128-row blocks) by 8-40%: the
+    side-by-side tiles spill registers there."""
+    return block_m >= 64
+
+
 def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: int,
-                     N: int, early: bool) -> dict[str, Any]:
+                     N: int, early: bool, per_slot: bool) -> dict[str, Any]:
     """The LoRA arguments of ``_fused_moe_gemm_kernel`` (LORA_MODE 1: shrink
     in the K loop, 2: shrink output read in the epilogue), after checking
     that the factors fit the GEMM's input ``a`` and N output columns.
-    ``early``: LORA_EARLY (always with the shrink in the loop)."""
+    ``early``: LORA_EARLY (always with the shrink in the loop); ``per_slot``:
+    LORA_PER_SLOT (epilogue only, operands loaded after the loop: before it
+    measured no faster on the H100)."""
     if (lora.lora_a is None) == (lora.inter is None):
         raise ValueError("give exactly one of lora_a (shrink in the GEMM) and inter")
     b_table, (stride_bn, stride_br) = slice_table(lora.lora_b, 2, lora.slice_offsets)
@@ -163,7 +178,8 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
     parts = shrink_parts(lora.inter, (S, num_valid_pairs, R))
     return dict(args, lora_inter_ptr=parts, stride_li_part=parts.stride(0),
                 stride_li_s=parts.stride(1), stride_li_p=parts.stride(2),
-                stride_li_r=parts.stride(3), LORA_MODE=2, LORA_SPLIT_K=parts.shape[0])
+                stride_li_r=parts.stride(3), LORA_MODE=2, LORA_SPLIT_K=parts.shape[0],
+                LORA_PER_SLOT=per_slot, LORA_EARLY=early and not per_slot)
 
 
 @triton.jit
@@ -289,6 +305,54 @@ def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
                                   stride_i_s, stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_L,
                                   BLOCK_R)
     return row_slot, factor_mask, a_ptr, stride_al, b, t
+
+
+@triton.jit
+def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr, num_slices, R,
+                           expert, pair, pair_mask, top_k, offs_n, n_mask, stride_i_part,
+                           stride_i_s, stride_i_p, stride_i_r, SPLIT_K: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """The per-slot epilogue's operands but the factor tiles: -> (row slots,
+    factor mask, B base pointer, B's slot stride, B column of each output
+    column, its mask, the block's shrink rows [BLOCK_M, BLOCK_R] in the
+    factors' dtype)."""
+    (row_slot, factor_mask, s, _, _, b_ptr, stride_bl, col_off,
+     n_s) = lora_block_setup(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, b0_ptr, b_meta_ptr,
+                             num_slices, R, expert, pair, pair_mask, top_k, offs_n, 2, BLOCK_L,
+                             BLOCK_R)
+    offs_r = tl.arange(0, BLOCK_R)
+    ptrs = inter_ptr + s * stride_i_s + pair[:, None] * stride_i_p + offs_r[None, :] * stride_i_r
+    mask = (pair_mask & (row_slot >= 0))[:, None] & (offs_r < R)[None, :]
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for part in tl.static_range(SPLIT_K):
+        t += tl.load(ptrs + part * stride_i_part, mask=mask, other=0.0)
+    n_in = offs_n - col_off
+    n_ok = n_mask & (n_in >= 0) & (n_in < n_s)
+    # rounded to the factors' dtype, as the separate expand does
+    return row_slot, factor_mask, b_ptr, stride_bl, n_in, n_ok, t.to(b0_ptr.dtype.element_ty)
+
+
+@triton.jit
+def lora_add_per_slot(acc, row_slot, factor_mask, b_ptr, stride_bl, n_in, n_ok, t, R,
+                      stride_bn, stride_br, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """``acc`` plus the block's deltas, one rank-R dot per slot (the
+    wide-tile form: the side-by-side ``[L*R, BLOCK_N]`` factor tile and its
+    pointers would not fit in registers beside a 128 x 256 accumulator).
+    Tiles of slots no row runs with load nothing (masked, no branch, so
+    the loads of all slots can be in flight together)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_l = tl.arange(0, BLOCK_L)
+    for slot in tl.static_range(BLOCK_L):
+        # factor_mask row ``slot``: some row runs it and the columns are in a slice
+        on = tl.max(tl.where((offs_l == slot)[:, None] & factor_mask, 1, 0)) > 0
+        b = tl.load(b_ptr + slot * stride_bl + offs_r[:, None] * stride_br
+                    + n_in[None, :] * stride_bn,
+                    mask=((offs_r < R)[:, None] & n_ok[None, :]) & on, other=0.0)
+        acc = tl.dot(tl.where((row_slot == slot)[:, None], t, 0.0).to(b.dtype), b, acc,
+                     input_precision=PRECISION)
+    return acc
 
 
 def moe_lora_gemm_delta_torch(lora: MoELoRAGemmFusion, a: torch.Tensor, pairs: torch.Tensor,

@@ -17,7 +17,9 @@ import triton.language as tl
 
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (NO_LORA_KERNEL_ARGS, MoELoRAGemmFusion,
                                                         fusion_block_n, lora_early_default,
-                                                        lora_kernel_args, lora_operands,
+                                                        lora_add_per_slot, lora_kernel_args,
+                                                        lora_operands, lora_per_slot_default,
+                                                        lora_per_slot_operands,
                                                         lora_shrink_factor_tile,
                                                         moe_lora_gemm_delta_torch,
                                                         own_slot_columns)
@@ -37,8 +39,8 @@ def _fused_moe_gemm_kernel(
         GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
         BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, LORA_MODE: tl.constexpr,
-        LORA_EARLY: tl.constexpr, LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr,
-        LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+        LORA_EARLY: tl.constexpr, LORA_PER_SLOT: tl.constexpr, LORA_SPLIT_K: tl.constexpr,
+        LORA_BLOCK_L: tl.constexpr, LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
         sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
@@ -73,7 +75,14 @@ def _fused_moe_gemm_kernel(
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
 
-    if LORA_MODE != 0 and not LORA_EARLY:
+    if LORA_PER_SLOT:
+        row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n, lora_n_ok, lora_t = \
+            lora_per_slot_operands(
+                lora_slot_ptr, lora_enabled_ptr, lora_b0_ptr, lora_b_meta_ptr, lora_inter_ptr,
+                lora_num_slices, lora_rank, expert, pair, pair_mask, top_k, offs_n, n_mask,
+                stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_SPLIT_K,
+                BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R)
+    elif LORA_MODE != 0 and not LORA_EARLY:
         row_slot, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask,
@@ -82,7 +91,11 @@ def _fused_moe_gemm_kernel(
             LORA_BLOCK_R)
     if LORA_MODE == 1:  # the shrink of every slot: keep each row's own
         lora_acc = own_slot_columns(lora_acc, row_slot, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R)
-    if LORA_MODE != 0:
+    if LORA_PER_SLOT:
+        acc = lora_add_per_slot(acc, row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n,
+                                lora_n_ok, lora_t, lora_rank, stride_lbn, stride_lbr,
+                                LORA_BLOCK_L, LORA_BLOCK_R, LORA_PRECISION)
+    elif LORA_MODE != 0:
         # rounded to the factors' dtype for the dot, as the separate expand does
         acc = tl.dot(lora_acc.to(lora_b.dtype), lora_b, acc, input_precision=LORA_PRECISION)
     moe_tile_store(acc, c_ptr, bias_ptr, topk_weights_ptr, expert, pair, pair_mask, offs_n, n_mask,
@@ -166,7 +179,8 @@ def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
         lora_args = NO_LORA_KERNEL_ARGS
     else:
         lora_args = lora_kernel_args(lora, a, num_valid_pairs, N,
-                                     config.get("lora_early", lora_early_default(block_m)))
+                                     config.get("lora_early", lora_early_default(block_m)),
+                                     config.get("lora_per_slot", lora_per_slot_default(block_m)))
         block_n = fusion_block_n(lora, block_n, N)
     grid = (triton.cdiv(num_padded, block_m) * triton.cdiv(N, block_n),)
     _fused_moe_gemm_kernel[grid](
