@@ -12,6 +12,13 @@ smallest total wins. Each chosen pair of configs is checked against the
 torch reference before it is written. Results merge into an existing file,
 so token counts can be tuned over several runs. Default output: the
 package's ``kernels/configs`` directory.
+
+    python benchmarks/kernels/tune_moe.py --lora --tokens 512 2048 8192
+
+``--lora`` tunes, for token counts the file already has, the configs of the
+GEMMs that add LoRA in their epilogue (``w13_lora`` / ``w2_lora``; the
+entry's BLOCK_SIZE_M, ``--adapters`` slots of ``--rank``, the shrink's
+output given), from the ``lora`` space unless ``--space`` names another.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from benchmarks.kernels.benchmark_moe_lora import SHAPES  # noqa: E402
 from benchmarks.kernels.timing import time_fn  # noqa: E402
+from vllm.lora.ops.triton_ops.moe_lora_in_gemm import MoELoRAGemmFusion  # noqa: E402
 from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (  # noqa: E402
     fused_moe_gemm_torch, invoke_fused_moe_gemm)
 from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (  # noqa: E402
@@ -46,6 +54,9 @@ SPACES = {
                   stages=[3, 4]),
     "full": dict(m=[16, 32, 64, 128], n=[32, 64, 128, 256], k=[64, 128, 256], group=[1, 16],
                  warps=[4, 8], stages=[3, 4, 5]),
+    # GEMMs with the LoRA epilogue (BLOCK_SIZE_M is the entry's): two stages
+    # leave room for a second program per SM to hide the epilogue's latency
+    "lora": dict(m=[], n=[128, 256], k=[64], group=[1, 16], warps=[4, 8], stages=[2, 3, 4]),
 }
 
 
@@ -94,15 +105,59 @@ def tune_tokens(H: int, I: int, E: int, k: int, T: int, space: dict, dtype: torc
     return {"w13": cfg13, "w2": cfg2}
 
 
-def check(x, w13, cache2, w2, topk_weights, aligned, cfg13, cfg2) -> None:
+def tune_lora_tokens(H: int, I: int, E: int, k: int, T: int, entry: dict, L: int, R: int,
+                     space: dict, dtype: torch.dtype, device: str, iters: int,
+                     mode: str) -> dict:
+    """``entry`` plus the fastest configs of both GEMMs adding L slots of
+    rank-R LoRA in their epilogue (tokens round-robin over the slots)."""
+    g = torch.Generator().manual_seed(T)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    w13, w2 = rnd(E, 2 * I, H) * H ** -0.5, rnd(E, H, I) * I ** -0.5
+    x, cache2 = rnd(T, H), rnd(T * k, I)
+    topk_weights, topk_ids = select_experts(torch.randn(T, E, generator=g).to(device),
+                                            RouterConfig(k))
+    block_m = entry["w13"]["BLOCK_SIZE_M"]
+    sorted_ids, expert_ids, padded = moe_align_block_size(topk_ids, block_m, E)
+    aligned = dict(sorted_pair_ids=sorted_ids, expert_ids=expert_ids,
+                   num_pairs_post_padded=padded, top_k=k)
+    slots = torch.arange(T, dtype=torch.int32, device=device) % L
+    enabled = torch.ones(L, dtype=torch.int32, device=device)
+    loras = [MoELoRAGemmFusion(slots, enabled, [rnd(L, E, I, R) * 0.05 for _ in range(2)],
+                               [0, I], k, inter=torch.randn(2, T * k, R, device=device)),
+             MoELoRAGemmFusion(slots, enabled, [rnd(L, E, H, R) * 0.05], [0], k,
+                               inter=torch.randn(1, T * k, R, device=device))]
+    picks = []
+    for a, w, gather, weights, lora in ((x, w13, True, None, loras[0]),
+                                        (cache2, w2, False, topk_weights, loras[1])):
+        out = torch.empty(T * k, w.shape[1], device=device, dtype=dtype)
+        timed = []
+        for cfg in candidates(space, block_m):
+            def run(cfg=cfg, a=a, w=w, out=out, gather=gather, weights=weights, lora=lora):
+                invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
+                                      config=cfg, lora=lora, **aligned)
+            try:
+                timed.append((time_fn(run, mode, device, iters), cfg))
+            except Exception as e:  # e.g. out of shared memory: not a candidate
+                print(f"  skip {cfg}: {type(e).__name__}")
+        picks.append(min(timed, key=lambda t: t[0]))
+    check(x, w13, cache2, w2, topk_weights, aligned, picks[0][1], picks[1][1], loras)
+    print(f"T={T} with LoRA: {(picks[0][0] + picks[1][0]) * 1e3:.1f} us  w13 {picks[0][1]}  "
+          f"w2 {picks[1][1]}")
+    return dict(entry, w13_lora=picks[0][1], w2_lora=picks[1][1])
+
+
+def check(x, w13, cache2, w2, topk_weights, aligned, cfg13, cfg2,
+          loras: list | None = None) -> None:
     T, k = x.shape[0], aligned["top_k"]
-    for a, w, gather, weights, cfg in ((x, w13, True, None, cfg13),
-                                       (cache2, w2, False, topk_weights, cfg2)):
+    for a, w, gather, weights, cfg, lora in ((x, w13, True, None, cfg13, loras and loras[0]),
+                                             (cache2, w2, False, topk_weights, cfg2,
+                                              loras and loras[1])):
         out = torch.full((T * k, w.shape[1]), float("nan"), device=x.device, dtype=x.dtype)
         ref = torch.full_like(out, float("nan"))
         invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights, config=cfg,
-                              **aligned)
-        fused_moe_gemm_torch(a, w, ref, gather_rows=gather, topk_weights=weights, **aligned)
+                              lora=lora, **aligned)
+        fused_moe_gemm_torch(a, w, ref, gather_rows=gather, topk_weights=weights, lora=lora,
+                             **aligned)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         if not err < 2e-2:
             raise SystemExit(f"config {cfg} is wrong: relative error {err:.3e}")
@@ -121,28 +176,44 @@ def tuning_arguments(doc: str, spaces: dict) -> argparse.ArgumentParser:
     return p
 
 
-def tune_into_table(path: str, tokens: list[int], tune: Callable[[int], dict]) -> None:
-    """``tune(T)`` for each token count, merged into the JSON table at
-    ``path``; written after each count, so a long run keeps its results."""
+def tune_into_table(path: str, tokens: list[int],
+                    tune: Callable[[int, dict | None], dict]) -> None:
+    """``tune(T, the table's entry for T or None)`` for each token count,
+    merged into the JSON table at ``path``; written after each count, so a
+    long run keeps its results."""
     table = json.load(open(path)) if os.path.isfile(path) else {}
     for T in tokens:
-        table[str(T)] = tune(T)
+        table[str(T)] = tune(T, table.get(str(T)))
         with open(path, "w") as f:
             json.dump(dict(sorted(table.items(), key=lambda kv: int(kv[0]))), f, indent=1)
     print(f"wrote {path}")
 
 
 def main() -> None:
-    args = tuning_arguments(__doc__, SPACES).parse_args()
+    p = tuning_arguments(__doc__, SPACES)
+    p.add_argument("--lora", action="store_true",
+                   help="tune the GEMMs that add LoRA (w13_lora / w2_lora)")
+    p.add_argument("--adapters", type=int, default=4, help="adapter slots for --lora")
+    p.add_argument("--rank", type=int, default=16, help="adapter rank for --lora")
+    p.set_defaults(space=None)  # quick, or lora with --lora
+    args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     os.makedirs(args.out, exist_ok=True)
+    space = SPACES[args.space or ("lora" if args.lora else "quick")]
+
     for shape in args.shapes:
         H, I, E, k = SHAPES[shape]
-        tune_into_table(
-            os.path.join(args.out, config_filename(E, H, I, dtype, device_key())), args.tokens,
-            lambda T: tune_tokens(H, I, E, k, T, SPACES[args.space], dtype, device, args.iters,
-                                  args.mode))
+
+        def tune(T: int, entry: dict | None) -> dict:
+            if not args.lora:
+                return tune_tokens(H, I, E, k, T, space, dtype, device, args.iters, args.mode)
+            if entry is None:
+                raise SystemExit(f"--lora: no base entry for {T} tokens; tune the base first")
+            return tune_lora_tokens(H, I, E, k, T, entry, args.adapters, args.rank, space, dtype,
+                                    device, args.iters, args.mode)
+        tune_into_table(os.path.join(args.out, config_filename(E, H, I, dtype, device_key())),
+                        args.tokens, tune)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def main() -> None:
         H, I, E, k = SHAPES[shape]
         name = moe_lora_config_filename(E, H, I, R, L, dtype, device_key())
         tune_into_table(os.path.join(args.out, name), args.tokens,
-                        lambda T: tune_tokens(H, I, E, k, L, R, T, SPACES[args.space], dtype,
+                        lambda T, _: tune_tokens(H, I, E, k, L, R, T, SPACES[args.space], dtype,
                                               device, args.iters, args.mode))
 
 

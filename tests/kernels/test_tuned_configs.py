@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from benchmarks.kernels.tune_moe import tune_tokens
+from benchmarks.kernels.tune_moe import tune_lora_tokens, tune_tokens
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.base import ExpertWeights
 from vllm.model_executor.layers.fused_moe.experts.torch_ref import TorchReferenceExperts
@@ -45,6 +45,18 @@ def test_nearest_token_count_and_heuristic_fallback(tuned_dir):
     assert tuned_configs.expert_gemm_configs(40, 2, E, H, I, torch.float32)[1]["BLOCK_SIZE_M"] == 64
 
 
+def test_lora_gemm_configs_where_tuned(tuned_dir):
+    E, H, I = 8, 64, 32
+    write_table(tuned_dir, E, H, I, torch.float32,
+                {"1": {"w13": cfg(16), "w2": cfg(16)},
+                 "64": {"w13": cfg(64), "w2": cfg(64), "w13_lora": cfg(64, 128),
+                        "w2_lora": cfg(64, 16)}})
+    lookup = tuned_configs.expert_gemm_configs
+    assert lookup(60, 2, E, H, I, torch.float32) == (cfg(64), cfg(64))
+    assert lookup(60, 2, E, H, I, torch.float32, lora=True) == (cfg(64, 128), cfg(64, 16))
+    assert lookup(1, 2, E, H, I, torch.float32, lora=True) == (cfg(16), cfg(16))  # none tuned
+
+
 def test_triton_experts_follow_the_tuned_table(tuned_dir):
     E, H, I, T, k = 8, 64, 32, 5, 2
     write_table(tuned_dir, E, H, I, torch.float32, {"4": {"w13": cfg(32, 64), "w2": cfg(32)}})
@@ -68,6 +80,16 @@ def test_tuner_picks_a_checked_config():
     entry = tune_tokens(H=64, I=32, E=4, k=2, T=6, space=space, dtype=torch.float32,
                         device="cpu", iters=1, mode="eager")
     assert entry["w13"]["BLOCK_SIZE_M"] == entry["w2"]["BLOCK_SIZE_M"] in (16, 32)
+
+
+def test_lora_tuner_keeps_the_block_and_adds_checked_configs():
+    space = dict(m=[], n=[16, 32], k=[32], group=[1], warps=[4], stages=[2])
+    base = {"w13": cfg(16), "w2": cfg(16)}
+    entry = tune_lora_tokens(H=64, I=32, E=4, k=2, T=6, entry=base, L=2, R=8, space=space,
+                             dtype=torch.float32, device="cpu", iters=1, mode="eager")
+    assert entry["w13"] == base["w13"] and entry["w2"] == base["w2"]
+    assert entry["w13_lora"]["BLOCK_SIZE_M"] == entry["w2_lora"]["BLOCK_SIZE_M"] == 16
+    assert entry["w13_lora"]["BLOCK_SIZE_N"] in (16, 32)
 
 
 def test_moe_lora_launch_follows_the_tuned_table_and_tuner(tuned_dir):

@@ -117,12 +117,12 @@ class TritonExperts(TritonGroupedExperts):
     name = "triton"
     gemm_adds_lora = True
 
-    def _configs(self, num_tokens: int) -> tuple[dict, dict]:
+    def _configs(self, num_tokens: int, lora: bool = False) -> tuple[dict, dict]:
         from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (
             expert_gemm_configs)
         m = self.moe
         return expert_gemm_configs(num_tokens, m.top_k, m.num_local_experts, m.hidden_size,
-                                   m.intermediate_size, m.dtype)
+                                   m.intermediate_size, m.dtype, lora)
 
     def block_size(self, num_tokens: int) -> int:
         return self._configs(num_tokens)[0]["BLOCK_SIZE_M"]
@@ -132,7 +132,7 @@ class TritonExperts(TritonGroupedExperts):
             invoke_fused_moe_gemm)
         w13 = which == "w13"
         num_tokens = a.shape[0] if gather_rows else a.shape[0] // aligned["top_k"]
-        config = self._configs(num_tokens)[0 if w13 else 1]
+        config = self._configs(num_tokens, lora is not None)[0 if w13 else 1]
         invoke_fused_moe_gemm(a, weights.w13 if w13 else weights.w2, out, gather_rows=gather_rows,
                               bias=weights.w13_bias if w13 else weights.w2_bias,
                               topk_weights=topk_weights, config=config, lora=lora, **aligned)

@@ -8,9 +8,12 @@ and map a token count to the configs of both GEMMs of one MoE layer::
     {"64": {"w13": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, ...}, "w2": {...}}}
 
 Both GEMMs share BLOCK_SIZE_M, because one alignment of the routed pairs
-serves both. A step takes the entry of the nearest token count; with no file
-for the shape and device, the heuristics of ``fused_moe_gemm`` apply.
-``benchmarks/kernels/tune_moe.py`` writes these files.
+serves both. An entry may also hold ``w13_lora`` / ``w2_lora``: the configs
+of GEMMs that add MoE LoRA in their epilogue (same BLOCK_SIZE_M; the
+epilogue's registers and latency favour other tiles). A step takes the
+entry of the nearest token count; with no file for the shape and device,
+the heuristics of ``fused_moe_gemm`` apply. ``benchmarks/kernels/tune_moe.py``
+writes these files (``--lora`` the LoRA configs).
 """
 from __future__ import annotations
 
@@ -49,11 +52,14 @@ def load_table(filename: str) -> dict[int, dict] | None:
 
 
 def expert_gemm_configs(num_tokens: int, top_k: int, E: int, H: int, I: int,
-                        dtype: torch.dtype) -> tuple[dict, dict]:
-    """(GEMM-1 config, GEMM-2 config) for a step of ``num_tokens`` tokens."""
+                        dtype: torch.dtype, lora: bool = False) -> tuple[dict, dict]:
+    """(GEMM-1 config, GEMM-2 config) for a step of ``num_tokens`` tokens;
+    ``lora``: for GEMMs that add LoRA (the base configs where none is tuned)."""
     table = load_table(config_filename(E, H, I, dtype, device_key()))
     if table:
         entry = table[min(table, key=lambda t: (abs(t - num_tokens), t))]
+        if lora:
+            return entry.get("w13_lora", entry["w13"]), entry.get("w2_lora", entry["w2"])
         return entry["w13"], entry["w2"]
     block = moe_block_size(num_tokens * top_k, E)
     return default_config(block, 2 * I, H, dtype), default_config(block, H, I, dtype)
