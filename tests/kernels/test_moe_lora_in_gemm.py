@@ -139,9 +139,13 @@ def test_lora_in_gemm_argument_checks():
 def test_fusion_choice():
     from vllm.lora.ops.triton_ops.moe_lora_configs import fusion_default
     from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper
-    assert [fusion_default(t, 64) for t in (1, 128, 512, 8192)] == ["epilogue"] * 4
-    assert [fusion_default(t, 128) for t in (1, 128, 512, 8192)] == ["off", "off", "epilogue",
-                                                                     "epilogue"]
-    assert [fusion_default(t, 256) for t in (128, 512, 2048)] == ["off", "off", "epilogue"]
+    assert [fusion_default(t, 64, True) for t in (1, 128, 512, 8192)] == ["epilogue"] * 4
+    assert [fusion_default(t, 128, True) for t in (1, 128, 512, 8192)] == [
+        "off", "off", "epilogue", "epilogue"]
+    assert [fusion_default(t, 256, True) for t in (128, 512, 2048)] == ["off", "off", "epilogue"]
+    # GEMMs without LoRA configs: the epilogue only where it won with the base configs
+    assert [fusion_default(t, 64, False) for t in (1, 256, 512, 8192)] == [
+        "epilogue", "epilogue", "off", "off"]
+    assert fusion_default(8192, 128, False) == "off"
     with pytest.raises(ValueError, match="unknown MoE LoRA fusion"):
         TritonPunicaWrapper(2, torch.device("cpu"), moe_lora_fusion="fused")

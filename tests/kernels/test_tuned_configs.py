@@ -55,6 +55,9 @@ def test_lora_gemm_configs_where_tuned(tuned_dir):
     assert lookup(60, 2, E, H, I, torch.float32) == (cfg(64), cfg(64))
     assert lookup(60, 2, E, H, I, torch.float32, lora=True) == (cfg(64, 128), cfg(64, 16))
     assert lookup(1, 2, E, H, I, torch.float32, lora=True) == (cfg(16), cfg(16))  # none tuned
+    tuned = tuned_configs.lora_gemm_configs_tuned
+    assert [tuned(t, E, H, I, torch.float32) for t in (1, 60, 500)] == [False, True, True]
+    assert not tuned(60, E, H, 2 * I, torch.float32)  # no table for the shape
 
 
 def test_triton_experts_follow_the_tuned_table(tuned_dir):

@@ -24,7 +24,8 @@ from vllm.lora.ops.triton_ops.fused_moe_lora import (moe_lora_block_size,
                                                      moe_lora_expand_config,
                                                      moe_lora_shrink_config)
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import fused_width
-from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import device_key, load_table
+from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (device_key, load_table,
+                                                                       lora_gemm_configs_tuned)
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,23 @@ class MoELoRALaunch:
     fusion: str
 
 
-def fusion_default(num_tokens: int, width: int) -> str:
-    """``width``: columns of the side-by-side factor (``fused_width``).
-    Measured on the H100 (Qwen3-30B-A3B layer, RESULTS.md, session 6): the
-    expand in the GEMM epilogue beats separate kernels at width 64 (4 x
-    rank 16) at every size but 512 tokens (2% behind there), by 10-23% from
-    2048 tokens, where the separate expand's read-modify-write of the GEMM
-    outputs dominates. Wider factors lose at 16-row blocks (<= 128 tokens:
-    the side-by-side tile is too large) and win from 512 tokens at width
-    128, from 2048 at 256 (one dot per slot on wide blocks)."""
-    if width <= 64 or num_tokens >= 2048 or (width <= 128 and num_tokens >= 512):
+def fusion_default(num_tokens: int, width: int, lora_gemms_tuned: bool) -> str:
+    """``width``: columns of the side-by-side factor (``fused_width``);
+    ``lora_gemms_tuned``: the expert GEMMs have configs tuned for carrying
+    LoRA at this size (``tuned_configs.lora_gemm_configs_tuned``).
+
+    Measured on the H100 (RESULTS.md, session 6): up to 256 tokens (16-row
+    blocks) the expand in the GEMM epilogue beats separate kernels at width
+    64 (4 x rank 16) and loses at 128 and 256 (the side-by-side tile is too
+    large), on Qwen3-30B-A3B and GPT-OSS-20B layers. From 512 tokens it
+    wins on the Qwen3 layer, whose GEMMs have LoRA configs (width 64 at
+    every size, 128 from 512 tokens, 256 from 2048; 10-23% from 2048 tokens,
+    where the separate expand's read-modify-write of the GEMM outputs
+    dominates), and loses on the GPT-OSS layer with untuned GEMMs."""
+    if width <= 64 and num_tokens <= 256:
+        return "epilogue"
+    if lora_gemms_tuned and (width <= 64 or num_tokens >= 2048
+                             or (width <= 128 and num_tokens >= 512)):
         return "epilogue"
     return "off"
 
@@ -66,16 +74,17 @@ def moe_lora_launch(num_tokens: int, top_k: int, E: int, H: int, I: int, rank: i
     """``rank``: the slots' rank; ``w13_rank``: the w13 shrink's output
     width (smaller under fully sharded LoRA)."""
     table = load_table(moe_lora_config_filename(E, H, I, rank, max_loras, dtype, device_key()))
-    width = fused_width(max_loras, rank)
+    fusion = fusion_default(num_tokens, fused_width(max_loras, rank),
+                            lora_gemm_configs_tuned(num_tokens, E, H, I, dtype))
     if table:
         entry = table[min(table, key=lambda t: (abs(t - num_tokens), t))]
         return MoELoRALaunch(entry["block_size_m"], entry["w13"]["shrink"],
                              entry["w13"]["expand"], entry["w2"]["shrink"],
                              entry["w2"]["expand"],
-                             entry.get("fusion", fusion_default(num_tokens, width)))
+                             entry.get("fusion", fusion))
     pairs = num_tokens * top_k
     block = moe_lora_block_size(pairs, E, max_loras)
     return MoELoRALaunch(block, moe_lora_shrink_config(pairs, H, w13_rank, block, dtype),
                          moe_lora_expand_config(I, block),
                          moe_lora_shrink_config(pairs, I, rank, block, dtype),
-                         moe_lora_expand_config(H, block), fusion_default(num_tokens, width))
+                         moe_lora_expand_config(H, block), fusion)

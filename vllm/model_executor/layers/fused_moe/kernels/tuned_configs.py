@@ -63,3 +63,12 @@ def expert_gemm_configs(num_tokens: int, top_k: int, E: int, H: int, I: int,
         return entry["w13"], entry["w2"]
     block = moe_block_size(num_tokens * top_k, E)
     return default_config(block, 2 * I, H, dtype), default_config(block, H, I, dtype)
+
+
+def lora_gemm_configs_tuned(num_tokens: int, E: int, H: int, I: int, dtype: torch.dtype) -> bool:
+    """Whether the entry a step of ``num_tokens`` tokens takes has configs
+    tuned for GEMMs that add LoRA."""
+    table = load_table(config_filename(E, H, I, dtype, device_key()))
+    if not table:
+        return False
+    return "w13_lora" in table[min(table, key=lambda t: (abs(t - num_tokens), t))]
