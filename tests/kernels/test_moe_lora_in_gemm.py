@@ -103,32 +103,6 @@ def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shri
         assert groups and not torch.allclose(want[routed], base[routed])  # LoRA did something
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-L{c[3]}-R{c[4]}-S{len(c[5])}")
-@pytest.mark.parametrize("gather_rows", [True, False])
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_shrink_over_the_base_alignment_matches_torch(dtype, case, gather_rows, split_k):
-    """The shrink over the base GEMMs' blocks (rows of mixed slots) writes
-    what the per-slot shrink writes, and nothing in rows without an adapter
-    (no slot, adapter off for the layer, pair on another rank)."""
-    T, k = case[0], case[1]
-    gen = torch.Generator().manual_seed(T * 7 + case[2])
-    (_, topk_ids, slots, enabled, _, a, _, lora_a, _, aligned) = make_case(case, dtype,
-                                                                          gather_rows, gen)
-    S, P, R = len(lora_a), T * k, case[4]
-    groups = torch_ops.moe_lora_groups(topk_ids, slots, enabled)
-    want = torch.full((S, P, R), NAN, device=DEVICE)
-    torch_ops.fused_moe_lora_shrink(a, lora_a, groups, k, gather_rows, want)
-    got = torch.full((split_k, S, P, R), NAN, device=DEVICE)
-    config = dict(BLOCK_SIZE_K=16, SPLIT_K=split_k, num_warps=4, num_stages=2)
-    in_gemm.moe_lora_shrink_base_aligned(
-        a, lora_a, aligned["sorted_pair_ids"], aligned["expert_ids"],
-        aligned["num_pairs_post_padded"], slots, enabled, k, gather_rows, got, config)
-    written = ~got[0, 0].isnan().all(1)
-    assert torch.equal(written, ~want[0].isnan().all(1)) and written.any()
-    torch.testing.assert_close(got.nan_to_num().sum(0), want.nan_to_num(), **TOL[dtype])
-
-
 def test_fusion_block_n_keeps_blocks_inside_slices():
     b = [torch.zeros(1, 1, 48, 16), torch.zeros(1, 1, 48, 16)]
     lora = in_gemm.MoELoRAGemmFusion(torch.zeros(1, dtype=torch.int32), torch.ones(1), b,

@@ -168,7 +168,7 @@ def _check_alignment(sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
     return L, block
 
 
-def grid_blocks(num_blocks: int, num_valid_pairs: int, num_experts: int, block: int) -> int:
+def _grid_blocks(num_blocks: int, num_valid_pairs: int, num_experts: int, block: int) -> int:
     """Blocks a slot can use at most: its pairs fall to at most min(E, pairs)
     experts, each padded by less than a block. The buffer's size assumes
     every expert has pairs; at decode most of those programs would only
@@ -221,7 +221,7 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
     config = split_config(
         config, lambda: moe_lora_shrink_config(num_valid_pairs, K, R, block, w0.dtype), parts)
     split_k = config["SPLIT_K"]
-    m_blocks = grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
+    m_blocks = _grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
     _moe_lora_shrink_kernel[(m_blocks, L, S * split_k)](
         x, w0, table, parts, sorted_pair_ids, expert_ids, num_pairs_post_padded,
         adapter_enabled, K, R, num_valid_pairs, top_k, sorted_pair_ids.stride(0),
@@ -268,7 +268,7 @@ def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
     config = config or moe_lora_expand_config(max_n, block)
     block_n = config["BLOCK_SIZE_N"]
     num_n_blocks = triton.cdiv(max_n, block_n)
-    m_blocks = grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
+    m_blocks = _grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
     _moe_lora_expand_kernel[(m_blocks, L, S * num_n_blocks)](
         parts, w0, table, y, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
         adapter_enabled, R, num_valid_pairs, num_n_blocks, sorted_pair_ids.stride(0),

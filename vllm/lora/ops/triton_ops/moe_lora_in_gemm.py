@@ -55,10 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops.fused_moe_lora import grid_blocks, moe_lora_shrink_config
 from vllm.lora.ops.triton_ops.lora_ops import (META_COLS, input_precision, rank_block,
-                                               shrink_parts, slice_meta, slice_table,
-                                               split_config)
+                                               shrink_parts, slice_table)
 
 # Widest side-by-side factor (L * BLOCK_R) the kernel takes: beyond it the
 # in-register tile [BLOCK_M, L*R] gets too large; callers fall back to the
@@ -195,7 +193,10 @@ def lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_p
     A row's slot is -1 without an adapter or when its adapter skips the
     layer; the factor mask keeps the slots some row runs with and rank < R,
     and nothing when the column block is in no slice."""
-    row_slot = lora_row_slots(slot_ptr, enabled_ptr, pair, pair_mask, top_k)
+    slot = tl.load(slot_ptr + pair // top_k, mask=pair_mask, other=-1)
+    on = tl.load(enabled_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
+    row_slot = tl.where(on != 0, slot, -1)
+
     n0 = tl.min(offs_n, axis=0)
     s = tl.zeros((), dtype=tl.int32) - 1
     for i in range(num_slices):
@@ -219,27 +220,11 @@ def lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_p
         a_ptr = b_ptr
         stride_al = stride_bl
 
-    factor_mask = present_slots_mask(row_slot, R, BLOCK_L, BLOCK_R) & in_slice
-    return row_slot, factor_mask, s, a_ptr, stride_al, b_ptr, stride_bl, col_off, n_s
-
-
-@triton.jit
-def lora_row_slots(slot_ptr, enabled_ptr, pair, pair_mask, top_k):
-    """Each row's adapter slot, -1 without an adapter or when its adapter
-    skips the layer."""
-    slot = tl.load(slot_ptr + pair // top_k, mask=pair_mask, other=-1)
-    on = tl.load(enabled_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
-    return tl.where(on != 0, slot, -1)
-
-
-@triton.jit
-def present_slots_mask(row_slot, R, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
-    """[BLOCK_L, BLOCK_R]: the factor columns of slots some row runs with,
-    rank < R."""
     offs_l = tl.arange(0, BLOCK_L)
     offs_r = tl.arange(0, BLOCK_R)
     present = tl.max((row_slot[:, None] == offs_l[None, :]).to(tl.int32), axis=0) > 0
-    return present[:, None] & (offs_r < R)[None, :]
+    factor_mask = (present & in_slice)[:, None] & (offs_r < R)[None, :]
+    return row_slot, factor_mask, s, a_ptr, stride_al, b_ptr, stride_bl, col_off, n_s
 
 
 @triton.jit
@@ -368,98 +353,6 @@ def lora_add_per_slot(acc, row_slot, factor_mask, b_ptr, stride_bl, n_in, n_ok, 
         acc = tl.dot(tl.where((row_slot == slot)[:, None], t, 0.0).to(b.dtype), b, acc,
                      input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _moe_lora_shrink_base_aligned_kernel(
-        x_ptr, a0_ptr, a_meta_ptr, out_ptr, slot_ptr, enabled_ptr, sorted_pair_ids_ptr,
-        expert_ids_ptr, num_pairs_post_padded_ptr, K, R, num_valid_pairs, top_k, stride_xt,
-        stride_xk, stride_ar, stride_ak, stride_o_part, stride_os, stride_op, stride_or,
-        GATHER_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-        SPLIT_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    s = tl.program_id(1) // SPLIT_K
-    split = tl.program_id(1) % SPLIT_K
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if (pid_m * BLOCK_SIZE_M >= tl.load(num_pairs_post_padded_ptr)) | (expert == -1):
-        return
-    pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_SIZE_M
-                   + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
-    pair_mask = pair < num_valid_pairs
-    row_slot = lora_row_slots(slot_ptr, enabled_ptr, pair, pair_mask, top_k)
-    if tl.max(row_slot) < 0:  # no row of the block runs an adapter
-        return
-    if GATHER_ROWS:
-        row = pair // top_k
-    else:
-        row = pair
-    factor_mask = present_slots_mask(row_slot, R, BLOCK_L, BLOCK_R)
-    a_ptr, stride_al, stride_ae, _, _ = slice_meta(a_meta_ptr, s, a0_ptr)
-    a_ptr += expert * stride_ae
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + row[:, None] * stride_xt + offs_k[None, :] * stride_xk
-    x_rows = (pair_mask & (row_slot >= 0))[:, None]
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_L * BLOCK_R), dtype=tl.float32)
-    for kb in range(split, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        k0 = kb * BLOCK_K
-        x = tl.load(x_ptrs + k0 * stride_xk, mask=x_rows & (offs_k < K - k0)[None, :],
-                    other=0.0)
-        a = lora_shrink_factor_tile(a_ptr, stride_al, factor_mask, k0, K, stride_ar, stride_ak,
-                                    BLOCK_K, BLOCK_L, BLOCK_R)
-        acc = tl.dot(x, a, acc, input_precision=INPUT_PRECISION)
-    # each row's own slot's R columns
-    t = tl.sum(tl.reshape(own_slot_columns(acc, row_slot, BLOCK_SIZE_M, BLOCK_L, BLOCK_R),
-                          (BLOCK_SIZE_M, BLOCK_L, BLOCK_R)), axis=1)
-    offs_r = tl.arange(0, BLOCK_R)
-    out_ptrs = (out_ptr + split.to(tl.int64) * stride_o_part + s.to(tl.int64) * stride_os
-                + pair[:, None] * stride_op + offs_r[None, :] * stride_or)
-    tl.store(out_ptrs, t, mask=x_rows & (offs_r < R)[None, :])
-
-
-def moe_lora_shrink_base_aligned(x: torch.Tensor, lora_a: list[torch.Tensor],
-                                 sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
-                                 num_pairs_post_padded: torch.Tensor,
-                                 token_lora_slot: torch.Tensor, adapter_enabled: torch.Tensor,
-                                 top_k: int, gather_rows: bool, out: torch.Tensor,
-                                 config: dict[str, Any] | None = None) -> None:
-    """``fused_moe_lora_shrink`` over the base GEMMs' alignment instead of
-    the per-slot one (no slot alignment launch): a block's rows may run
-    different slots, so each program multiplies its rows by the L slots'
-    factors side by side (only slots some row runs are loaded) and keeps
-    each row's own columns. Rows of pairs whose token has no adapter, or
-    whose adapter skips the layer, are not written; nor are pairs in no
-    block. ``out`` is ``[S, T*k, R]`` or ``[SPLIT_K, S, T*k, R]`` float32."""
-    S, w0 = len(lora_a), lora_a[0]
-    table, (stride_ar, stride_ak) = slice_table(lora_a)
-    L, E, R, K = w0.shape
-    num_valid_pairs = out.shape[-2]
-    if x.shape[1] != K or x.dtype != w0.dtype:
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit lora_a {tuple(w0.shape)} "
-                         f"{w0.dtype}")
-    if x.shape[0] * (top_k if gather_rows else 1) != num_valid_pairs or \
-            token_lora_slot.numel() * top_k != num_valid_pairs:
-        raise ValueError(f"x has {x.shape[0]} rows and {token_lora_slot.numel()} token slots "
-                         f"for {num_valid_pairs} pairs, top_k {top_k}")
-    if fused_width(L, R) > MAX_FUSED_WIDTH:
-        raise ValueError(f"{L} slots of rank {R} are wider than {MAX_FUSED_WIDTH} columns")
-    block_m, rest = divmod(sorted_pair_ids.numel(), max(expert_ids.numel(), 1))
-    if rest or block_m == 0:
-        raise ValueError(f"{sorted_pair_ids.numel()} sorted pairs do not split into "
-                         f"{expert_ids.numel()} blocks")
-    parts = shrink_parts(out, (S, num_valid_pairs, R))
-    config = split_config(config, lambda: moe_lora_shrink_config(
-        num_valid_pairs, K, fused_width(L, R), block_m, w0.dtype), parts)
-    split_k = config["SPLIT_K"]
-    grid = (grid_blocks(expert_ids.numel(), num_valid_pairs, E, block_m), S * split_k)
-    _moe_lora_shrink_base_aligned_kernel[grid](
-        x, w0, table, parts, token_lora_slot, adapter_enabled, sorted_pair_ids, expert_ids,
-        num_pairs_post_padded, K, R, num_valid_pairs, top_k, x.stride(0), x.stride(1),
-        stride_ar, stride_ak, *parts.stride(), GATHER_ROWS=gather_rows,
-        INPUT_PRECISION=input_precision(w0.dtype), BLOCK_SIZE_M=block_m,
-        BLOCK_K=config["BLOCK_SIZE_K"], BLOCK_L=triton.next_power_of_2(L),
-        BLOCK_R=rank_block(R), SPLIT_K=split_k, num_warps=config["num_warps"],
-        num_stages=config["num_stages"])
 
 
 def moe_lora_gemm_delta_torch(lora: MoELoRAGemmFusion, a: torch.Tensor, pairs: torch.Tensor,
