@@ -163,6 +163,16 @@ def check(x, w13, cache2, w2, topk_weights, aligned, cfg13, cfg2,
             raise SystemExit(f"config {cfg} is wrong: relative error {err:.3e}")
 
 
+def keep_lora_configs(old: dict | None, new: dict) -> dict:
+    """The LoRA configs of a re-tuned entry that still fit its block size."""
+    if not old or "w13_lora" not in old:
+        return {}
+    if old["w13_lora"]["BLOCK_SIZE_M"] != new["w13"]["BLOCK_SIZE_M"]:
+        print("  the block size changed: its LoRA configs are dropped (tune again with --lora)")
+        return {}
+    return {key: old[key] for key in ("w13_lora", "w2_lora")}
+
+
 def tuning_arguments(doc: str, spaces: dict) -> argparse.ArgumentParser:
     """The command line both tuners share."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
@@ -207,7 +217,8 @@ def main() -> None:
 
         def tune(T: int, entry: dict | None) -> dict:
             if not args.lora:
-                return tune_tokens(H, I, E, k, T, space, dtype, device, args.iters, args.mode)
+                new = tune_tokens(H, I, E, k, T, space, dtype, device, args.iters, args.mode)
+                return dict(new, **keep_lora_configs(entry, new))
             if entry is None:
                 raise SystemExit(f"--lora: no base entry for {T} tokens; tune the base first")
             return tune_lora_tokens(H, I, E, k, T, entry, args.adapters, args.rank, space, dtype,

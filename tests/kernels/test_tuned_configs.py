@@ -55,6 +55,16 @@ def test_lora_gemm_configs_where_tuned(tuned_dir):
     assert lookup(60, 2, E, H, I, torch.float32) == (cfg(64), cfg(64))
     assert lookup(60, 2, E, H, I, torch.float32, lora=True) == (cfg(64, 128), cfg(64, 16))
     assert lookup(1, 2, E, H, I, torch.float32, lora=True) == (cfg(16), cfg(16))  # none tuned
+    write_table(tuned_dir, E, H, I, torch.float32,
+                {"8": {"w13": cfg(16), "w2": cfg(16), "w13_lora": cfg(32), "w2_lora": cfg(32)}})
+    tuned_configs.load_table.cache_clear()
+    # LoRA configs of another block size than the alignment's are not used
+    assert lookup(8, 2, E, H, I, torch.float32, lora=True) == (cfg(16), cfg(16))
+    write_table(tuned_dir, E, H, I, torch.float32,
+                {"1": {"w13": cfg(16), "w2": cfg(16)},
+                 "64": {"w13": cfg(64), "w2": cfg(64), "w13_lora": cfg(64, 128),
+                        "w2_lora": cfg(64, 16)}})
+    tuned_configs.load_table.cache_clear()
     tuned = tuned_configs.lora_gemm_configs_tuned
     assert [tuned(t, E, H, I, torch.float32) for t in (1, 60, 500)] == [False, True, True]
     assert not tuned(60, E, H, 2 * I, torch.float32)  # no table for the shape
@@ -83,6 +93,15 @@ def test_tuner_picks_a_checked_config():
     entry = tune_tokens(H=64, I=32, E=4, k=2, T=6, space=space, dtype=torch.float32,
                         device="cpu", iters=1, mode="eager")
     assert entry["w13"]["BLOCK_SIZE_M"] == entry["w2"]["BLOCK_SIZE_M"] in (16, 32)
+
+
+def test_base_retune_keeps_lora_configs_of_its_block_size():
+    from benchmarks.kernels.tune_moe import keep_lora_configs
+    old = {"w13": cfg(16), "w2": cfg(16), "w13_lora": cfg(16, 64), "w2_lora": cfg(16, 64)}
+    assert keep_lora_configs(old, {"w13": cfg(16, 128), "w2": cfg(16)}) == {
+        "w13_lora": cfg(16, 64), "w2_lora": cfg(16, 64)}
+    assert keep_lora_configs(old, {"w13": cfg(32), "w2": cfg(32)}) == {}
+    assert keep_lora_configs(None, {"w13": cfg(32), "w2": cfg(32)}) == {}
 
 
 def test_lora_tuner_keeps_the_block_and_adds_checked_configs():

@@ -58,9 +58,13 @@ def expert_gemm_configs(num_tokens: int, top_k: int, E: int, H: int, I: int,
     table = load_table(config_filename(E, H, I, dtype, device_key()))
     if table:
         entry = table[min(table, key=lambda t: (abs(t - num_tokens), t))]
-        if lora:
-            return entry.get("w13_lora", entry["w13"]), entry.get("w2_lora", entry["w2"])
-        return entry["w13"], entry["w2"]
+        base = entry["w13"], entry["w2"]
+        if lora and "w13_lora" in entry:
+            tuned = entry["w13_lora"], entry["w2_lora"]
+            # one alignment serves both GEMMs: LoRA configs of another block size do not fit
+            if all(t["BLOCK_SIZE_M"] == b["BLOCK_SIZE_M"] for t, b in zip(tuned, base)):
+                return tuned
+        return base
     block = moe_block_size(num_tokens * top_k, E)
     return default_config(block, 2 * I, H, dtype), default_config(block, H, I, dtype)
 
