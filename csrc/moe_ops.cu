@@ -45,6 +45,13 @@ struct PairExperts {
   }
 };
 
+// Warp w's contiguous run [run_lo, run_hi) of the block's pairs [lo, hi).
+__device__ void warp_run(int64_t lo, int64_t hi, int warp, int64_t& run_lo, int64_t& run_hi) {
+  const int64_t run = (hi - lo + kWarps - 1) / kWarps;
+  run_lo = lo + warp * run;
+  run_hi = run_lo + run < hi ? run_lo + run : hi;
+}
+
 // A block's pairs [lo, hi) are split into kWarps contiguous runs, one per
 // warp. counts [kWarps][E] (shared) gets each (run, expert)'s count; shared
 // atomics, order-free.
@@ -54,9 +61,8 @@ __device__ void count_warp_runs(const PairExperts& expert_of, int slot, int64_t 
   const int E = expert_of.num_experts;
   for (int i = threadIdx.x; i < kWarps * E; i += kThreads) counts[i] = 0;
   __syncthreads();
-  const int64_t run = (hi - lo + kWarps - 1) / kWarps;
-  const int64_t run_lo = lo + warp * run;
-  const int64_t run_hi = run_lo + run < hi ? run_lo + run : hi;
+  int64_t run_lo, run_hi;
+  warp_run(lo, hi, warp, run_lo, run_hi);
   for (int64_t p = run_lo + lane; p < run_hi; p += 32) {
     const int e = expert_of(p, slot);
     if (e >= 0) atomicAdd(&counts[warp * E + e], 1);
@@ -87,9 +93,8 @@ __device__ void scatter_warp_runs(const PairExperts& expert_of, int slot, int64_
                                   int32_t* counts, const int32_t* start, int32_t* sorted_ids) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int E = expert_of.num_experts;
-  const int64_t run = (hi - lo + kWarps - 1) / kWarps;
-  const int64_t run_lo = lo + warp * run;
-  const int64_t run_hi = run_lo + run < hi ? run_lo + run : hi;
+  int64_t run_lo, run_hi;
+  warp_run(lo, hi, warp, run_lo, run_hi);
   for (int64_t base = run_lo; base < run_hi; base += 32) {
     const int64_t p = base + lane;
     const int e = p < run_hi ? expert_of(p, slot) : -1;
