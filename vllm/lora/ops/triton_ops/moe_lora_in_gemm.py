@@ -252,17 +252,28 @@ def lora_shrink_factor_tile(a_ptr, stride_al, factor_mask, k0, K, stride_ar, str
 
 
 @triton.jit
-def lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, R, stride_part, stride_s,
-                          stride_p, stride_r, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The shrink output of the block's pairs placed in their slot's columns
-    (read as contiguous rows of R floats, then spread)."""
+def lora_shrink_rows(inter_ptr, s, pair, pair_mask, row_slot, R, stride_part, stride_s,
+                     stride_p, stride_r, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """The finished shrink of the block's pairs, [BLOCK_M, BLOCK_R] fp32 (the
+    SPLIT_K parts added up; zeros in rows without an adapter)."""
     offs_r = tl.arange(0, BLOCK_R)
     ptrs = inter_ptr + s * stride_s + pair[:, None] * stride_p + offs_r[None, :] * stride_r
     mask = (pair_mask & (row_slot >= 0))[:, None] & (offs_r < R)[None, :]
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for part in tl.static_range(SPLIT_K):
         t += tl.load(ptrs + part * stride_part, mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
+def lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, R, stride_part, stride_s,
+                          stride_p, stride_r, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The shrink output of the block's pairs placed in their slot's columns
+    (read as contiguous rows of R floats, then spread)."""
+    t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, row_slot, R, stride_part, stride_s,
+                         stride_p, stride_r, SPLIT_K, BLOCK_M, BLOCK_R)
     own = row_slot[:, None] == tl.arange(0, BLOCK_L)[None, :]
     t = tl.where(own[:, :, None], t[:, None, :], 0.0)
     return tl.reshape(t, (BLOCK_M, BLOCK_L * BLOCK_R))
@@ -321,12 +332,8 @@ def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr,
      n_s) = lora_block_setup(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, b0_ptr, b_meta_ptr,
                              num_slices, R, expert, pair, pair_mask, top_k, offs_n, 2, BLOCK_L,
                              BLOCK_R)
-    offs_r = tl.arange(0, BLOCK_R)
-    ptrs = inter_ptr + s * stride_i_s + pair[:, None] * stride_i_p + offs_r[None, :] * stride_i_r
-    mask = (pair_mask & (row_slot >= 0))[:, None] & (offs_r < R)[None, :]
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for part in tl.static_range(SPLIT_K):
-        t += tl.load(ptrs + part * stride_i_part, mask=mask, other=0.0)
+    t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, row_slot, R, stride_i_part, stride_i_s,
+                         stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
     n_in = offs_n - col_off
     n_ok = n_mask & (n_in >= 0) & (n_in < n_s)
     # rounded to the factors' dtype, as the separate expand does
