@@ -88,6 +88,24 @@ def test_triton_experts_follow_the_tuned_table(tuned_dir):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_m", [16, 64])  # 64: the epilogue adds one dot per slot
+def test_lora_steps_run_the_lora_gemm_configs(tuned_dir, block_m):
+    """A layer step with LoRA in the GEMM epilogue takes the entry's LoRA
+    configs (other column blocks than the base's here) and matches the
+    torch reference."""
+    from benchmarks.kernels.benchmark_moe_lora import SHAPES, Case, check
+    H, I, E, k = SHAPES["tiny"]
+    write_table(tuned_dir, E, H, I, torch.float32,
+                {"8": {"w13": cfg(block_m, 32), "w2": cfg(block_m, 32),
+                       "w13_lora": cfg(block_m, 16), "w2_lora": cfg(block_m, 64)}})
+    moe = FusedMoEConfig(num_experts=E, num_local_experts=E, top_k=k, hidden_size=H,
+                         intermediate_size=I, activation=MoEActivation(), has_bias=False,
+                         dtype=torch.float32, device="cpu")
+    assert TritonExperts(moe)._configs(8, lora=True) == (cfg(block_m, 16), cfg(block_m, 64))
+    err = check(Case("tiny", 8, 3, 8), "triton", "cpu", torch.float32, fusion="epilogue")
+    assert err < 1e-4
+
+
 def test_tuner_picks_a_checked_config():
     space = dict(m=[16, 32], n=[32], k=[32], group=[1], warps=[4], stages=[2])
     entry = tune_tokens(H=64, I=32, E=4, k=2, T=6, space=space, dtype=torch.float32,
