@@ -67,6 +67,19 @@ def candidates(space: dict, block_m: int) -> list[dict]:
                                                    space["warps"], space["stages"])]
 
 
+def fastest_config(configs: list[dict], run: Callable[[dict], None], mode: str, device: str,
+                   iters: int) -> tuple[float, dict]:
+    """(ms, config) of the fastest ``run(config)``; a config that fails
+    (e.g. out of shared memory) is no candidate."""
+    timed = []
+    for cfg in configs:
+        try:
+            timed.append((time_fn(lambda: run(cfg), mode, device, iters), cfg))
+        except Exception as e:
+            print(f"  skip {cfg}: {type(e).__name__}")
+    return min(timed, key=lambda t: t[0])
+
+
 def tune_tokens(H: int, I: int, E: int, k: int, T: int, space: dict, dtype: torch.dtype,
                 device: str, iters: int, mode: str) -> dict:
     g = torch.Generator().manual_seed(T)
@@ -86,16 +99,10 @@ def tune_tokens(H: int, I: int, E: int, k: int, T: int, space: dict, dtype: torc
         picks = []
         for a, w, out, gather, weights in ((x, w13, out1, True, None),
                                            (cache2, w2, out2, False, topk_weights)):
-            timed = []
-            for cfg in candidates(space, block_m):
-                def run(cfg=cfg, a=a, w=w, out=out, gather=gather, weights=weights):
-                    invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
-                                          config=cfg, **aligned)
-                try:
-                    timed.append((time_fn(run, mode, device, iters), cfg))
-                except Exception as e:  # e.g. out of shared memory: not a candidate
-                    print(f"  skip {cfg}: {type(e).__name__}")
-            picks.append(min(timed, key=lambda t: t[0]))
+            def run(cfg, a=a, w=w, out=out, gather=gather, weights=weights):
+                invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
+                                      config=cfg, **aligned)
+            picks.append(fastest_config(candidates(space, block_m), run, mode, device, iters))
         total = picks[0][0] + picks[1][0]
         if best is None or total < best[0]:
             best = (total, picks[0][1], picks[1][1], aligned)
@@ -130,16 +137,11 @@ def tune_lora_tokens(H: int, I: int, E: int, k: int, T: int, entry: dict, L: int
     for a, w, gather, weights, lora in ((x, w13, True, None, loras[0]),
                                         (cache2, w2, False, topk_weights, loras[1])):
         out = torch.empty(T * k, w.shape[1], device=device, dtype=dtype)
-        timed = []
-        for cfg in candidates(space, block_m):
-            def run(cfg=cfg, a=a, w=w, out=out, gather=gather, weights=weights, lora=lora):
-                invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
-                                      config=cfg, lora=lora, **aligned)
-            try:
-                timed.append((time_fn(run, mode, device, iters), cfg))
-            except Exception as e:  # e.g. out of shared memory: not a candidate
-                print(f"  skip {cfg}: {type(e).__name__}")
-        picks.append(min(timed, key=lambda t: t[0]))
+
+        def run(cfg, a=a, w=w, out=out, gather=gather, weights=weights, lora=lora):
+            invoke_fused_moe_gemm(a, w, out, gather_rows=gather, topk_weights=weights,
+                                  config=cfg, lora=lora, **aligned)
+        picks.append(fastest_config(candidates(space, block_m), run, mode, device, iters))
     check(x, w13, cache2, w2, topk_weights, aligned, picks[0][1], picks[1][1], loras)
     print(f"T={T} with LoRA: {(picks[0][0] + picks[1][0]) * 1e3:.1f} us  w13 {picks[0][1]}  "
           f"w2 {picks[1][1]}")

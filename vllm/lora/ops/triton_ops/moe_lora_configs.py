@@ -25,7 +25,8 @@ from vllm.lora.ops.triton_ops.fused_moe_lora import (moe_lora_block_size,
                                                      moe_lora_shrink_config)
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import fused_width
 from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (device_key, load_table,
-                                                                       lora_gemm_configs_tuned)
+                                                                       lora_gemm_configs_tuned,
+                                                                       nearest_entry)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def moe_lora_launch(num_tokens: int, top_k: int, E: int, H: int, I: int, rank: i
     fusion = fusion_default(num_tokens, fused_width(max_loras, rank),
                             lora_gemm_configs_tuned(num_tokens, E, H, I, dtype))
     if table:
-        entry = table[min(table, key=lambda t: (abs(t - num_tokens), t))]
+        entry = nearest_entry(table, num_tokens)
         return MoELoRALaunch(entry["block_size_m"], entry["w13"]["shrink"],
                              entry["w13"]["expand"], entry["w2"]["shrink"],
                              entry["w2"]["expand"],

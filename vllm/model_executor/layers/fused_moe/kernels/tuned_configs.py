@@ -51,13 +51,18 @@ def load_table(filename: str) -> dict[int, dict] | None:
     return None
 
 
+def nearest_entry(table: dict[int, dict], num_tokens: int) -> dict:
+    """The entry of the token count nearest to ``num_tokens`` (the smaller on a tie)."""
+    return table[min(table, key=lambda t: (abs(t - num_tokens), t))]
+
+
 def expert_gemm_configs(num_tokens: int, top_k: int, E: int, H: int, I: int,
                         dtype: torch.dtype, lora: bool = False) -> tuple[dict, dict]:
     """(GEMM-1 config, GEMM-2 config) for a step of ``num_tokens`` tokens;
     ``lora``: for GEMMs that add LoRA (the base configs where none is tuned)."""
     table = load_table(config_filename(E, H, I, dtype, device_key()))
     if table:
-        entry = table[min(table, key=lambda t: (abs(t - num_tokens), t))]
+        entry = nearest_entry(table, num_tokens)
         base = entry["w13"], entry["w2"]
         if lora and "w13_lora" in entry:
             tuned = entry["w13_lora"], entry["w2_lora"]
@@ -75,4 +80,4 @@ def lora_gemm_configs_tuned(num_tokens: int, E: int, H: int, I: int, dtype: torc
     table = load_table(config_filename(E, H, I, dtype, device_key()))
     if not table:
         return False
-    return "w13_lora" in table[min(table, key=lambda t: (abs(t - num_tokens), t))]
+    return "w13_lora" in nearest_entry(table, num_tokens)
