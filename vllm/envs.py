@@ -36,6 +36,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # "gemm" (shrink and expand inside the expert GEMMs), "epilogue" (shrink
     # kernels, expand inside the GEMMs) or "off" (separate kernels).
     "VLLM_MOE_LORA_FUSION": _str("VLLM_MOE_LORA_FUSION", "auto"),
+    # Up to this many routed (token, expert) pairs the MoE LoRA shrinks of the
+    # GEMM-epilogue path run one program per pair, with no slot alignment.
+    "VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS": lambda: int(
+        os.environ.get("VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS", "64")),
     # Directory holding tuned Triton kernel configurations (overrides the
     # ones shipped in the package).
     "VLLM_TUNED_CONFIG_DIR": _str("VLLM_TUNED_CONFIG_DIR", None),

@@ -211,6 +211,34 @@ def test_fused_moe_lora_shrink_expand(dtype, case, gather_rows, with_weights):
         assert_untouched(y, y0, written, offsets, Ns)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: f"T{c[0]}-k{c[1]}-E{c[2]}-L{c[3]}")
+@pytest.mark.parametrize("gather_rows", [True, False])
+def test_fused_moe_lora_shrink_by_pair(dtype, case, gather_rows):
+    """The shrink without an alignment writes what the aligned one writes."""
+    T, k, E, L, R, Ns, K, ep_drop, _ = case
+    gen = torch.Generator().manual_seed(T * 17 + E)
+    _, topk_ids = routing(T, k, E, ep_drop, gen)
+    slots = token_slots(T, L, gen)
+    enabled = torch.ones(L, dtype=torch.int32)
+    used = sorted(set(slots.tolist()) - {-1})
+    if len(used) > 1:
+        enabled[used[0]] = 0
+    enabled = enabled.to(DEVICE)
+    groups = torch_ops.moe_lora_groups(topk_ids, slots, enabled)
+    written = torch.cat([g[2] for g in groups])
+    S, P = len(Ns), T * k
+    x = torch.randn(T if gather_rows else P, K, generator=gen).to(DEVICE, dtype)
+    lora_a = factors([(L, E, R, K)] * S, K, dtype, gen)
+    want = torch.full((S, P, R), NAN, device=DEVICE)
+    torch_ops.fused_moe_lora_shrink(x, lora_a, groups, k, gather_rows, want)
+    for parts, config in ((1, None), (2, dict(BLOCK_SIZE_K=16))):
+        got = torch.full((parts, S, P, R), NAN, device=DEVICE)
+        moe_lora.fused_moe_lora_shrink_by_pair(x, lora_a, topk_ids, slots, enabled, gather_rows,
+                                               got, config)
+        check_shrink_out(got, want, written, dtype)
+
+
 def test_moe_lora_block_size():
     assert moe_lora.moe_lora_block_size(1, 64, 4) == 16
     assert moe_lora.moe_lora_block_size(128 * 8, 64, 4) == 16

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from vllm import envs
-from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora_expand, fused_moe_lora_shrink
+from vllm.lora.ops.triton_ops.fused_moe_lora import (fused_moe_lora_expand, fused_moe_lora_shrink,
+                                                     fused_moe_lora_shrink_by_pair)
 from vllm.lora.ops.triton_ops.lora_ops import lora_expand, lora_shrink, lora_shrink_split
 from vllm.lora.ops.triton_ops.moe_lora_configs import MoELoRALaunch, moe_lora_launch
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MAX_FUSED_WIDTH, MoELoRAGemmFusion,
@@ -33,10 +34,17 @@ FUSION_CHOICES = ("auto", "gemm", "epilogue", "off")
 
 @dataclass
 class MoELoRAAlignment:
-    sorted_pair_ids: torch.Tensor      # [L, P]
-    expert_ids: torch.Tensor           # [L, P // block]
-    num_pairs_post_padded: torch.Tensor  # [L]
+    """The per-slot alignment of a step's pairs (None where the shrinks run
+    by pair, see ``fused_moe_lora_shrink_by_pair``) and its routing."""
+    sorted_pair_ids: torch.Tensor | None      # [L, P]
+    expert_ids: torch.Tensor | None           # [L, P // block]
+    num_pairs_post_padded: torch.Tensor | None  # [L]
     launch: MoELoRALaunch
+    topk_ids: torch.Tensor                    # [T, k], local expert ids
+
+    @property
+    def by_pair(self) -> bool:
+        return self.sorted_pair_ids is None
 
 
 class TritonPunicaWrapper(PunicaWrapperBase):
@@ -92,7 +100,8 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         if mode == "gemm":
             return self._fusion(ctx, ctx.w13_lora_b, ctx.w13_slice_offsets,
                                 lora_a=ctx.w13_lora_a), None
-        alignment, inter = self._align_and_shrink_w13(ctx, x, topk_ids, launch)
+        alignment, inter = self._align_and_shrink_w13(ctx, x, topk_ids, launch,
+                                                      by_pair=self._by_pair(ctx, topk_ids))
         return self._fusion(ctx, ctx.w13_lora_b, ctx.w13_slice_offsets, inter=inter), alignment
 
     def moe_lora_w2_in_gemm(self, ctx, cache2, alignment):
@@ -129,13 +138,27 @@ class TritonPunicaWrapper(PunicaWrapperBase):
                                ctx.w2_lora_a.shape[3], ctx.max_rank, ctx.w13_rank,
                                ctx.max_loras, x.dtype)
 
-    def _align_and_shrink_w13(self, ctx, x, topk_ids, launch: MoELoRALaunch
-                              ) -> tuple[MoELoRAAlignment, torch.Tensor]:
+    @staticmethod
+    def _by_pair(ctx, topk_ids) -> bool:
+        # fully sharded LoRA (a shrink combine) stays on the aligned path
+        return (topk_ids.numel() <= envs.VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS
+                and ctx.w13_shrink_combine is None and ctx.w2_shrink_combine is None)
+
+    def _align_and_shrink_w13(self, ctx, x, topk_ids, launch: MoELoRALaunch,
+                              by_pair: bool = False) -> tuple[MoELoRAAlignment, torch.Tensor]:
         block = launch.block_size_m
+        shrink = self._shrink_config(launch.w13_shrink, ctx.w13_shrink_combine)
+        if by_pair:
+            alignment = MoELoRAAlignment(None, None, None, launch, topk_ids)
+            inter = self.shrink_parts_buffer(shrink["SPLIT_K"], ctx.w13_num_slices,
+                                             topk_ids.numel(), ctx.w13_rank)
+            fused_moe_lora_shrink_by_pair(x, ctx.w13_lora_a, topk_ids,
+                                          self.mapping.token_lora_slot, ctx.adapter_enabled,
+                                          True, inter, shrink)
+            return alignment, inter
         alignment = MoELoRAAlignment(*moe_lora_align_block_size(
             topk_ids, self.mapping.token_lora_slot, block, ctx.w2_lora_a.shape[1],
-            ctx.max_loras), launch)
-        shrink = self._shrink_config(launch.w13_shrink, ctx.w13_shrink_combine)
+            ctx.max_loras), launch, topk_ids)
         inter = self.shrink_parts_buffer(shrink["SPLIT_K"], ctx.w13_num_slices, topk_ids.numel(),
                                          ctx.w13_rank)
         fused_moe_lora_shrink(x, ctx.w13_lora_a, alignment.sorted_pair_ids, alignment.expert_ids,
@@ -149,6 +172,11 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         launch = alignment.launch
         shrink = self._shrink_config(launch.w2_shrink, ctx.w2_shrink_combine)
         inter = self.shrink_parts_buffer(shrink["SPLIT_K"], 1, cache2.shape[0], ctx.max_rank)
+        if alignment.by_pair:
+            fused_moe_lora_shrink_by_pair(cache2, [ctx.w2_lora_a], alignment.topk_ids,
+                                          self.mapping.token_lora_slot, ctx.adapter_enabled,
+                                          False, inter, shrink)
+            return inter
         fused_moe_lora_shrink(cache2, [ctx.w2_lora_a], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, ctx.top_k, False, inter, launch.block_size_m,

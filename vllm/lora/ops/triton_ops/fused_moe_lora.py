@@ -30,6 +30,11 @@ A program returns at once when its slot's adapter does not touch the layer
 expert -1, or (expand) when its column block lies past N_s. Padding entries
 hold the sentinel pair id ``T * top_k`` and are masked.
 
+With few pairs (``VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS``, the GEMM-epilogue
+path only) the shrinks skip the alignment: ``fused_moe_lora_shrink_by_pair``
+runs one program per pair, a GEMV over K, so no alignment launch and its
+chain of dependent loads precede them.
+
 Slices (gate/up) share one launch through the per-slice table of
 ``lora_ops`` (factor pointer, slot and expert strides, N_s, column offset),
 and ``SPLIT_K > 1`` works as there: each split program stores its partial
@@ -166,6 +171,72 @@ def _check_alignment(sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
     if sorted_pair_ids.stride(1) != 1 or expert_ids.stride(1) != 1:
         raise ValueError("sorted_pair_ids and expert_ids must be contiguous per slot")
     return L, block
+
+
+@triton.jit
+def _moe_lora_shrink_by_pair_kernel(
+        x_ptr, w0_ptr, meta_ptr, out_ptr, topk_ids_ptr, slot_ptr, enabled_ptr,
+        K, R, top_k, stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os,
+        stride_op, stride_or, GATHER_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) // SPLIT_K
+    split = tl.program_id(1) % SPLIT_K
+    expert = tl.load(topk_ids_ptr + p).to(tl.int64)
+    slot = tl.load(slot_ptr + p // top_k).to(tl.int64)
+    if (expert < 0) | (slot < 0):
+        return
+    if tl.load(enabled_ptr + slot) == 0:
+        return
+    if GATHER_ROWS:
+        row = p // top_k
+    else:
+        row = p
+    w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr)
+    w_ptr += slot * stride_wl + expert * stride_we
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for kb in range(split, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        k0 = kb * BLOCK_K
+        k_mask = offs_k < K - k0
+        x = tl.load(x_ptr + row * stride_xt + (k0 + offs_k) * stride_xk, mask=k_mask, other=0.0)
+        w = tl.load(w_ptr + offs_r[:, None] * stride_wr + (k0 + offs_k)[None, :] * stride_wk,
+                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    out = (out_ptr + split.to(tl.int64) * stride_o_part + s.to(tl.int64) * stride_os
+           + p * stride_op + offs_r * stride_or)
+    tl.store(out, tl.sum(acc, axis=1), mask=r_mask)
+
+
+def fused_moe_lora_shrink_by_pair(x: torch.Tensor, lora_a: list[torch.Tensor],
+                                  topk_ids: torch.Tensor, token_lora_slot: torch.Tensor,
+                                  adapter_enabled: torch.Tensor, gather_rows: bool,
+                                  out: torch.Tensor, config: dict[str, Any] | None = None
+                                  ) -> None:
+    """``fused_moe_lora_shrink`` without an alignment, one program per
+    (token, expert) pair (a GEMV over K): for few pairs, where the slot
+    alignment launch and its dependent loads cost more than the shrink.
+    Pairs whose expert is -1, whose token has no adapter or whose adapter
+    skips the layer are not written."""
+    T, k = topk_ids.shape
+    S, w0 = len(lora_a), lora_a[0]
+    table, (stride_wr, stride_wk) = slice_table(lora_a)
+    R, K = w0.shape[2:]
+    if x.shape[1] != K or x.dtype != w0.dtype or \
+            x.shape[0] * (k if gather_rows else 1) != T * k or token_lora_slot.numel() != T:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype}, {token_lora_slot.numel()} token slots "
+                         f"do not fit lora_a {tuple(w0.shape)} {w0.dtype} and {T}x{k} pairs")
+    parts = shrink_parts(out, (S, T * k, R))
+    config = config or {}
+    split_k = parts.shape[0]
+    block_k = config.get("BLOCK_SIZE_K", min(512, triton.next_power_of_2(K)))
+    _moe_lora_shrink_by_pair_kernel[(T * k, S * split_k)](
+        x, w0, table, parts, topk_ids.to(torch.int32).contiguous(), token_lora_slot,
+        adapter_enabled, K, R, k, x.stride(0), x.stride(1), stride_wr, stride_wk,
+        *parts.stride(), GATHER_ROWS=gather_rows, BLOCK_R=rank_block(R), BLOCK_K=block_k,
+        SPLIT_K=split_k, num_warps=config.get("num_warps", 4))
 
 
 def _grid_blocks(num_blocks: int, num_valid_pairs: int, num_experts: int, block: int) -> int:
