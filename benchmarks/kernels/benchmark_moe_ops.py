@@ -1,10 +1,12 @@
-"""Decode-size latency of MoE bookkeeping — top-k routing, pair alignment
-and the per-adapter-slot alignment — for each implementation (native,
-Triton, torch), and what the choice does to a whole MoE-LoRA layer.
+"""Decode-size latency of MoE bookkeeping — top-k routing, pair alignment,
+the per-adapter-slot alignment and the final sum of each token's expert
+outputs — for each implementation (native, Triton, torch), and what the
+choice does to a whole MoE-LoRA layer.
 
     python benchmarks/kernels/benchmark_moe_ops.py [--tokens 1 8 32 128]
 
-Qwen3-30B-A3B routing shapes (128 experts, top-8), 4 adapter slots. Every
+Qwen3-30B-A3B routing shapes (128 experts, top-8), 4 adapter slots; its
+expert outputs (hidden 2048, bfloat16) for the sum. Every
 implementation's output is first checked against the torch reference
 (bit for bit for the alignments). Times are medians of CUDA-graph replays
 with a cold L2 on GPU (`--mode eager` for launch-bound numbers) or wall
@@ -28,6 +30,17 @@ from vllm.model_executor.layers.fused_moe.router import (  # noqa: E402
     RouterConfig, select_experts_torch)
 
 E, K, SLOTS, BLOCK = 128, 8, 4, 16
+HIDDEN = 2048  # Qwen3-30B-A3B
+
+
+def sum_ops(device: str, x: torch.Tensor, out: torch.Tensor) -> dict:
+    """The MoE sum of ``x`` [T*K, HIDDEN] into ``out`` by implementation."""
+    T = out.shape[0]
+    fns = {"torch": lambda: torch.sum(x.view(T, K, HIDDEN), dim=1, out=out)}
+    if device == "cuda":
+        from vllm.model_executor.layers.fused_moe.kernels.moe_sum import moe_sum_triton
+        fns["triton"] = lambda: moe_sum_triton(x, K, out)
+    return fns
 
 
 def implementations(device: str) -> list[str]:
@@ -102,9 +115,25 @@ def main() -> None:
         for impl in impls:
             fns = ops(impl, logits, ids, slots)
             check(impl, fns, logits, ids, slots)
-            times = {name: (time_fn(fn, mode_of(impl, name), device, args.iters) if fn else float("nan"))
+            times = {name: (time_fn(fn, mode_of(impl, name), device, args.iters) if fn
+                            else float("nan"))
                      for name, fn in fns.items()}
             rows.append((T, impl, times))
+    sum_rows = []
+    for T in args.tokens:
+        g = torch.Generator().manual_seed(T)
+        x = torch.randn(T * K, HIDDEN, generator=g).to(device, torch.bfloat16)
+        out = torch.empty(T, HIDDEN, dtype=torch.bfloat16, device=device)
+        fns = sum_ops(device, x, out)
+        want = x.view(T, K, HIDDEN).float().sum(1).to(torch.bfloat16)
+        for impl, fn in fns.items():
+            out.zero_()
+            fn()
+            # summation order may flip the bf16 rounding by one unit
+            if not torch.allclose(out.float(), want.float(), rtol=2**-7, atol=1e-2):
+                raise SystemExit(f"MISMATCH: {impl} MoE sum differs from the fp32 reference")
+        sum_rows.append((T, {impl: time_fn(fn, args.mode, device, args.iters)
+                             for impl, fn in fns.items()}))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\nall outputs match the torch reference | device {name} | mode {args.mode} | "
           f"E={E} top-{K} {SLOTS} slots | microseconds"
@@ -114,8 +143,13 @@ def main() -> None:
         total = sum(v for v in t.values() if v == v)
         print(f"{T:>7}{impl:>8}{t['routing'] * 1e3:>10.1f}{t['align'] * 1e3:>10.1f}"
               f"{t['lora align'] * 1e3:>12.1f}{total * 1e3:>10.1f}")
+    sum_impls = list(sum_rows[0][1]) if sum_rows else []
+    print(f"\nMoE sum of top-{K} expert outputs, hidden {HIDDEN}, bfloat16 | microseconds")
+    print(f"{'tokens':>7}" + "".join(f"{i:>10}" for i in sum_impls))
+    for T, t in sum_rows:
+        print(f"{T:>7}" + "".join(f"{t[i] * 1e3:>10.1f}" for i in sum_impls))
     if args.layer and device == "cuda":
-        print(f"\nMoE-LoRA layer (qwen3-30b-a3b, 4 adapters, rank 16), ms, by alignment impl")
+        print("\nMoE-LoRA layer (qwen3-30b-a3b, 4 adapters, rank 16), ms, by alignment impl")
         impls = [i for i in impls if mode_of(i) == args.mode]
         print(f"{'tokens':>7}" + "".join(f"{i:>10}" for i in impls))
         for T in args.tokens:
