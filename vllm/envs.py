@@ -39,7 +39,7 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Up to this many routed (token, expert) pairs the MoE LoRA shrinks of the
     # GEMM-epilogue path run one program per pair, with no slot alignment.
     "VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS": lambda: int(
-        os.environ.get("VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS", "64")),
+        os.environ.get("VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS", "256")),
     # Directory holding tuned Triton kernel configurations (overrides the
     # ones shipped in the package).
     "VLLM_TUNED_CONFIG_DIR": _str("VLLM_TUNED_CONFIG_DIR", None),

@@ -232,11 +232,67 @@ def test_fused_moe_lora_shrink_by_pair(dtype, case, gather_rows):
     lora_a = factors([(L, E, R, K)] * S, K, dtype, gen)
     want = torch.full((S, P, R), NAN, device=DEVICE)
     torch_ops.fused_moe_lora_shrink(x, lora_a, groups, k, gather_rows, want)
-    for parts, config in ((1, None), (2, dict(BLOCK_SIZE_K=16))):
+    for parts, config in ((1, None), (2, dict(BLOCK_SIZE_K=16, SPLIT_K=2, num_warps=4))):
         got = torch.full((parts, S, P, R), NAN, device=DEVICE)
         moe_lora.fused_moe_lora_shrink_by_pair(x, lora_a, topk_ids, slots, enabled, gather_rows,
                                                got, config)
         check_shrink_out(got, want, written, dtype)
+
+
+# T, k, E, max_loras, rank, intermediate (N), activation kind, interleaved
+ACTIVATION_SHRINK_CASES = [
+    (1, 1, 4, 1, 8, 48, "silu", False),
+    (5, 2, 8, 3, 64, 200, "swigluoai", True),    # 128-column programs: 2 parts
+    (12, 4, 6, 8, 16, 1100, "silu", False),      # 512-column programs: 3 parts
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ACTIVATION_SHRINK_CASES,
+                         ids=lambda c: f"T{c[0]}-k{c[1]}-R{c[4]}-N{c[5]}-{c[6]}")
+def test_gated_activation_with_pair_shrink(dtype, case):
+    """The activation writes the same rows with or without the shrink, and
+    the shrink's parts add up to the reference shrink of those rows."""
+    from vllm.model_executor.layers.fused_moe.kernels.gated_activation import (
+        gated_activation_triton)
+    T, k, E, L, R, N, kind, interleaved = case
+    gen = torch.Generator().manual_seed(T * 7 + N)
+    _, topk_ids = routing(T, k, E, 0.2, gen)
+    slots = token_slots(T, L, gen)
+    enabled = torch.ones(L, dtype=torch.int32)
+    used = sorted(set(slots.tolist()) - {-1})
+    if len(used) > 1:
+        enabled[used[0]] = 0
+    enabled = enabled.to(DEVICE)
+    cache1 = (torch.randn(T * k, 2 * N, generator=gen) * 3).to(DEVICE, dtype)
+    lora_a = factors([(L, E, R, N)], N, dtype, gen)[0]
+    parts = moe_lora.pair_shrink_parts(N, R)
+    got = torch.full((parts, 1, T * k, R), NAN, device=DEVICE)
+    shrink = moe_lora.MoELoRAPairShrink(lora_a, topk_ids, slots, enabled, got)
+    cache2 = gated_activation_triton(cache1, kind, interleaved, lora_shrink=shrink)
+    assert torch.equal(cache2, gated_activation_triton(cache1, kind, interleaved))
+    groups = torch_ops.moe_lora_groups(topk_ids, slots, enabled)
+    written = torch.cat([g[2] for g in groups])
+    want = torch.full((1, T * k, R), NAN, device=DEVICE)
+    torch_ops.fused_moe_lora_shrink(cache2, [lora_a], groups, k, False, want)
+    check_shrink_out(got, want, written, dtype)
+
+
+def test_pair_shrink_rejects_what_does_not_fit():
+    from vllm.model_executor.layers.fused_moe.kernels.gated_activation import (
+        gated_activation_triton)
+    topk_ids = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    slots = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    enabled = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    lora_a = torch.zeros(1, 1, 16, 64, device=DEVICE)
+    assert moe_lora.pair_shrink_parts(8192, 16) is None   # more parts than the epilogue adds
+    out = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="do not fit"):   # 32 columns, factors of 64
+        gated_activation_triton(torch.zeros(4, 64, device=DEVICE), lora_shrink=moe_lora
+                                .MoELoRAPairShrink(lora_a, topk_ids, slots, enabled, out))
+    with pytest.raises(ValueError, match="shrink output"):
+        gated_activation_triton(torch.zeros(4, 128, device=DEVICE), lora_shrink=moe_lora
+                                .MoELoRAPairShrink(lora_a, topk_ids, slots, enabled, out[:, :, :3]))
 
 
 def test_moe_lora_block_size():

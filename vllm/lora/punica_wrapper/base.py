@@ -95,8 +95,17 @@ class PunicaWrapperBase(ABC):
         go through ``add_lora_w13`` / ``add_lora_w2``."""
         return None
 
-    def moe_lora_w2_in_gemm(self, ctx: MoELoRAContext, cache2: torch.Tensor, state: Any) -> Any:
-        """The w2 operands for GEMM 2, after ``moe_lora_w13_in_gemm``."""
+    def moe_lora_w2_shrink_in_activation(self, ctx: MoELoRAContext, state: Any,
+                                         num_pairs: int) -> Any:
+        """After ``moe_lora_w13_in_gemm``: the w2 shrink for the gated
+        activation to compute on the rows it writes (a ``MoELoRAPairShrink``),
+        or None when the shrink runs on its own."""
+        return None
+
+    def moe_lora_w2_in_gemm(self, ctx: MoELoRAContext, cache2: torch.Tensor, state: Any,
+                            activation_shrink: Any = None) -> Any:
+        """The w2 operands for GEMM 2, after ``moe_lora_w13_in_gemm`` (and the
+        activation, given ``moe_lora_w2_shrink_in_activation``'s payload)."""
         raise NotImplementedError(f"{type(self).__name__} has no in-GEMM MoE LoRA")
 
     def shrink_buffer(self, num_slices: int, rows: int, rank: int) -> torch.Tensor:

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from vllm import envs
-from vllm.lora.ops.triton_ops.fused_moe_lora import (fused_moe_lora_expand, fused_moe_lora_shrink,
-                                                     fused_moe_lora_shrink_by_pair)
+from vllm.lora.ops.triton_ops.fused_moe_lora import (MoELoRAPairShrink, fused_moe_lora_expand,
+                                                     fused_moe_lora_shrink,
+                                                     fused_moe_lora_shrink_by_pair,
+                                                     moe_lora_shrink_by_pair_config,
+                                                     pair_shrink_parts)
 from vllm.lora.ops.triton_ops.lora_ops import lora_expand, lora_shrink, lora_shrink_split
 from vllm.lora.ops.triton_ops.moe_lora_configs import MoELoRALaunch, moe_lora_launch
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MAX_FUSED_WIDTH, MoELoRAGemmFusion,
@@ -104,12 +107,26 @@ class TritonPunicaWrapper(PunicaWrapperBase):
                                                       by_pair=self._by_pair(ctx, topk_ids))
         return self._fusion(ctx, ctx.w13_lora_b, ctx.w13_slice_offsets, inter=inter), alignment
 
-    def moe_lora_w2_in_gemm(self, ctx, cache2, alignment):
+    def moe_lora_w2_shrink_in_activation(self, ctx, state, num_pairs):
+        if state is None or not state.by_pair:
+            return None
+        R, intermediate = ctx.w2_lora_a.shape[2:]
+        parts = pair_shrink_parts(intermediate, R)
+        if parts is None:
+            return None
+        return MoELoRAPairShrink(ctx.w2_lora_a, state.topk_ids, self.mapping.token_lora_slot,
+                                 ctx.adapter_enabled,
+                                 self.shrink_parts_buffer(parts, 1, num_pairs, R))
+
+    def moe_lora_w2_in_gemm(self, ctx, cache2, alignment, activation_shrink=None):
         if alignment is None:
             return self._fusion(ctx, [ctx.w2_lora_b], [ctx.w2_out_offset],
                                 lora_a=[ctx.w2_lora_a])
-        return self._fusion(ctx, [ctx.w2_lora_b], [ctx.w2_out_offset],
-                            inter=self._shrink_w2(ctx, cache2, alignment))
+        if activation_shrink is not None:
+            inter = activation_shrink.out
+        else:
+            inter = self._shrink_w2(ctx, cache2, alignment)
+        return self._fusion(ctx, [ctx.w2_lora_b], [ctx.w2_out_offset], inter=inter)
 
     def _in_gemm_mode(self, ctx, launch: MoELoRALaunch, w13_width: int,
                       hidden: int) -> str | None:
@@ -146,16 +163,11 @@ class TritonPunicaWrapper(PunicaWrapperBase):
 
     def _align_and_shrink_w13(self, ctx, x, topk_ids, launch: MoELoRALaunch,
                               by_pair: bool = False) -> tuple[MoELoRAAlignment, torch.Tensor]:
-        block = launch.block_size_m
-        shrink = self._shrink_config(launch.w13_shrink, ctx.w13_shrink_combine)
         if by_pair:
             alignment = MoELoRAAlignment(None, None, None, launch, topk_ids)
-            inter = self.shrink_parts_buffer(shrink["SPLIT_K"], ctx.w13_num_slices,
-                                             topk_ids.numel(), ctx.w13_rank)
-            fused_moe_lora_shrink_by_pair(x, ctx.w13_lora_a, topk_ids,
-                                          self.mapping.token_lora_slot, ctx.adapter_enabled,
-                                          True, inter, shrink)
-            return alignment, inter
+            return alignment, self._shrink_by_pair(ctx, x, ctx.w13_lora_a, topk_ids, True)
+        block = launch.block_size_m
+        shrink = self._shrink_config(launch.w13_shrink, ctx.w13_shrink_combine)
         alignment = MoELoRAAlignment(*moe_lora_align_block_size(
             topk_ids, self.mapping.token_lora_slot, block, ctx.w2_lora_a.shape[1],
             ctx.max_loras), launch, topk_ids)
@@ -169,20 +181,25 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         return alignment, inter
 
     def _shrink_w2(self, ctx, cache2, alignment: MoELoRAAlignment) -> torch.Tensor:
+        if alignment.by_pair:
+            return self._shrink_by_pair(ctx, cache2, [ctx.w2_lora_a], alignment.topk_ids, False)
         launch = alignment.launch
         shrink = self._shrink_config(launch.w2_shrink, ctx.w2_shrink_combine)
         inter = self.shrink_parts_buffer(shrink["SPLIT_K"], 1, cache2.shape[0], ctx.max_rank)
-        if alignment.by_pair:
-            fused_moe_lora_shrink_by_pair(cache2, [ctx.w2_lora_a], alignment.topk_ids,
-                                          self.mapping.token_lora_slot, ctx.adapter_enabled,
-                                          False, inter, shrink)
-            return inter
         fused_moe_lora_shrink(cache2, [ctx.w2_lora_a], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, ctx.top_k, False, inter, launch.block_size_m,
                               shrink)
         if ctx.w2_shrink_combine is not None:
             inter = ctx.w2_shrink_combine(inter[0])
+        return inter
+
+    def _shrink_by_pair(self, ctx, x, lora_a, topk_ids, gather_rows: bool) -> torch.Tensor:
+        R, K = lora_a[0].shape[2:]
+        config = moe_lora_shrink_by_pair_config(K)
+        inter = self.shrink_parts_buffer(config["SPLIT_K"], len(lora_a), topk_ids.numel(), R)
+        fused_moe_lora_shrink_by_pair(x, lora_a, topk_ids, self.mapping.token_lora_slot,
+                                      ctx.adapter_enabled, gather_rows, inter, config)
         return inter
 
     @staticmethod

@@ -32,8 +32,9 @@ hold the sentinel pair id ``T * top_k`` and are masked.
 
 With few pairs (``VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS``, the GEMM-epilogue
 path only) the shrinks skip the alignment: ``fused_moe_lora_shrink_by_pair``
-runs one program per pair, a GEMV over K, so no alignment launch and its
-chain of dependent loads precede them.
+runs one program per pair and part of K, a GEMV, so no alignment launch and
+its chain of dependent loads precede them; the w2 shrink is computed by the
+gated activation as it writes each row (``MoELoRAPairShrink``).
 
 Slices (gate/up) share one launch through the per-slice table of
 ``lora_ops`` (factor pointer, slot and expert strides, N_s, column offset),
@@ -43,6 +44,7 @@ the parts up as it loads them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -174,6 +176,29 @@ def _check_alignment(sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
 
 
 @triton.jit
+def pair_slot_expert(p, topk_ids_ptr, slot_ptr, enabled_ptr, top_k):
+    """-> (slot, expert) of pair p (clamped to >= 0), whether it has both (an
+    adapter and an expert on this rank) and whether, in addition, its
+    adapter touches the layer. Factor loads need only the first three: the
+    adapter flag is one more dependent load, for the store to wait on."""
+    expert = tl.load(topk_ids_ptr + p).to(tl.int64)
+    slot = tl.load(slot_ptr + p // top_k).to(tl.int64)
+    routed = (expert >= 0) & (slot >= 0)
+    on = routed & (tl.load(enabled_ptr + tl.maximum(slot, 0)) != 0)
+    return tl.maximum(slot, 0), tl.maximum(expert, 0), routed, on
+
+
+@triton.jit
+def pair_factor_chunk(w_ptr, offs_k, k_mask, R, stride_wr, stride_wk, BLOCK_R: tl.constexpr):
+    """Columns ``offs_k`` of one pair's factor W [R, K]: [BLOCK_R, BLOCK_K].
+    Its product with the pair's input row is a GEMV: the one row gives
+    nothing for tl.dot to tile."""
+    offs_r = tl.arange(0, BLOCK_R)
+    return tl.load(w_ptr + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk,
+                   mask=(offs_r < R)[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _moe_lora_shrink_by_pair_kernel(
         x_ptr, w0_ptr, meta_ptr, out_ptr, topk_ids_ptr, slot_ptr, enabled_ptr,
         K, R, top_k, stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os,
@@ -182,32 +207,26 @@ def _moe_lora_shrink_by_pair_kernel(
     p = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
-    expert = tl.load(topk_ids_ptr + p).to(tl.int64)
-    slot = tl.load(slot_ptr + p // top_k).to(tl.int64)
-    if (expert < 0) | (slot < 0):
+    slot, expert, routed, on = pair_slot_expert(p, topk_ids_ptr, slot_ptr, enabled_ptr, top_k)
+    if not routed:
         return
-    if tl.load(enabled_ptr + slot) == 0:
-        return
+    w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr)
+    w_ptr += slot * stride_wl + expert * stride_we
     if GATHER_ROWS:
         row = p // top_k
     else:
         row = p
-    w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr)
-    w_ptr += slot * stride_wl + expert * stride_we
-    offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    r_mask = offs_r < R
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for kb in range(split, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        k0 = kb * BLOCK_K
-        k_mask = offs_k < K - k0
-        x = tl.load(x_ptr + row * stride_xt + (k0 + offs_k) * stride_xk, mask=k_mask, other=0.0)
-        w = tl.load(w_ptr + offs_r[:, None] * stride_wr + (k0 + offs_k)[None, :] * stride_wk,
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        k = kb * BLOCK_K + offs_k
+        x = tl.load(x_ptr + row * stride_xt + k * stride_xk, mask=k < K, other=0.0)
+        w = pair_factor_chunk(w_ptr, k, k < K, R, stride_wr, stride_wk, BLOCK_R)
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    offs_r = tl.arange(0, BLOCK_R)
     out = (out_ptr + split.to(tl.int64) * stride_o_part + s.to(tl.int64) * stride_os
            + p * stride_op + offs_r * stride_or)
-    tl.store(out, tl.sum(acc, axis=1), mask=r_mask)
+    tl.store(out, acc, mask=(offs_r < R) & on)
 
 
 def fused_moe_lora_shrink_by_pair(x: torch.Tensor, lora_a: list[torch.Tensor],
@@ -229,14 +248,76 @@ def fused_moe_lora_shrink_by_pair(x: torch.Tensor, lora_a: list[torch.Tensor],
         raise ValueError(f"x {tuple(x.shape)} {x.dtype}, {token_lora_slot.numel()} token slots "
                          f"do not fit lora_a {tuple(w0.shape)} {w0.dtype} and {T}x{k} pairs")
     parts = shrink_parts(out, (S, T * k, R))
-    config = config or {}
-    split_k = parts.shape[0]
-    block_k = config.get("BLOCK_SIZE_K", min(512, triton.next_power_of_2(K)))
+    config = split_config(config, lambda: moe_lora_shrink_by_pair_config(K), parts)
+    split_k = config["SPLIT_K"]
     _moe_lora_shrink_by_pair_kernel[(T * k, S * split_k)](
-        x, w0, table, parts, topk_ids.to(torch.int32).contiguous(), token_lora_slot,
+        x, w0, table, parts, topk_ids.contiguous(), token_lora_slot,
         adapter_enabled, K, R, k, x.stride(0), x.stride(1), stride_wr, stride_wk,
-        *parts.stride(), GATHER_ROWS=gather_rows, BLOCK_R=rank_block(R), BLOCK_K=block_k,
-        SPLIT_K=split_k, num_warps=config.get("num_warps", 4))
+        *parts.stride(), GATHER_ROWS=gather_rows, BLOCK_R=rank_block(R),
+        BLOCK_K=config["BLOCK_SIZE_K"], SPLIT_K=split_k, num_warps=config["num_warps"])
+
+
+def moe_lora_shrink_by_pair_config(K: int) -> dict[str, int]:
+    """Each program reads one ``[R, BLOCK_K]`` factor chunk, so all of a
+    pair's K is in flight at once (the loop only runs past 8 parts x 512):
+    at one token a loop of dependent DRAM reads is the kernel's whole time."""
+    split_k = min(MAX_SHRINK_PARTS, triton.cdiv(K, 512))
+    block_k = min(512, triton.next_power_of_2(triton.cdiv(K, split_k)))
+    return {"BLOCK_SIZE_K": max(16, block_k), "SPLIT_K": split_k, "num_warps": 4}
+
+
+@dataclass
+class MoELoRAPairShrink:
+    """The shrink by pair of one projection, for the kernel that produces its
+    input rows to compute on the fly (``gated_activation_triton``): each of
+    that kernel's column blocks of ``pair_shrink_block(R)`` columns writes
+    its partial sum to its own part of ``out``."""
+    lora_a: torch.Tensor            # [L, E, R, K]
+    topk_ids: torch.Tensor          # [T, k] local expert ids, -1 = another rank's
+    token_lora_slot: torch.Tensor   # [T] int32, -1 = no adapter
+    adapter_enabled: torch.Tensor   # [L]
+    out: torch.Tensor               # [pair_shrink_parts(K, R), 1, T*k, R] float32
+
+
+# Most parts of a shrink output: the GEMM epilogue adds them up unrolled.
+MAX_SHRINK_PARTS = 8
+
+
+def pair_shrink_block(R: int) -> int:
+    """Columns per program of a shrink done by the producer of its input:
+    ``[R, block]`` fp32 products stay within ~64 registers a thread at 4 warps."""
+    return min(512, 8192 // rank_block(R))
+
+
+def pair_shrink_parts(K: int, R: int) -> int | None:
+    """Parts of such a shrink's output over K input columns; None when there
+    would be more than ``MAX_SHRINK_PARTS`` (run ``fused_moe_lora_shrink_by_pair``
+    after the producer instead)."""
+    parts = triton.cdiv(K, pair_shrink_block(R))
+    return parts if parts <= MAX_SHRINK_PARTS else None
+
+
+def pair_shrink_kernel_args(lora: MoELoRAPairShrink, rows: int, K: int) -> dict[str, Any]:
+    """The LoRA arguments of a producer kernel of ``rows`` rows of K columns,
+    after checking that the payload fits them."""
+    L, E, R, K_a = lora.lora_a.shape
+    T, k = lora.topk_ids.shape
+    parts = pair_shrink_parts(K, R)
+    if K_a != K or rows != T * k or lora.token_lora_slot.numel() != T:
+        raise ValueError(f"lora_a {tuple(lora.lora_a.shape)} and {T}x{k} pairs do not fit "
+                         f"{rows} rows of {K} columns")
+    if parts is None or tuple(lora.out.shape) != (parts, 1, rows, R) or \
+            lora.out.dtype != torch.float32:
+        raise ValueError(f"the shrink output must be float32 [{parts}, 1, {rows}, {R}], got "
+                         f"{lora.out.dtype} {list(lora.out.shape)}")
+    if not lora.topk_ids.is_contiguous() or lora.adapter_enabled.numel() < L:
+        raise ValueError("topk_ids must be contiguous, adapter_enabled cover every slot")
+    return dict(lora_w_ptr=lora.lora_a, lora_out_ptr=lora.out, lora_topk_ids_ptr=lora.topk_ids,
+                lora_slot_ptr=lora.token_lora_slot, lora_enabled_ptr=lora.adapter_enabled,
+                lora_rank=R, lora_top_k=k, stride_lwl=lora.lora_a.stride(0),
+                stride_lwe=lora.lora_a.stride(1), stride_lwr=lora.lora_a.stride(2),
+                stride_lwk=lora.lora_a.stride(3), stride_lo_part=lora.out.stride(0),
+                stride_lo_p=lora.out.stride(2), LORA=True, LORA_BLOCK_R=rank_block(R))
 
 
 def _grid_blocks(num_blocks: int, num_valid_pairs: int, num_experts: int, block: int) -> int:

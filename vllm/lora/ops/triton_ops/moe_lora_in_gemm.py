@@ -34,12 +34,14 @@ rank-R dot per slot instead: ``t`` and the side-by-side factor tile with its
 pointers spilled registers beside those accumulators (40% slower GEMMs at
 128 x 256 tiles), the per-slot tiles do not.
 
-The LoRA operands of a block sit behind a chain of dependent small loads
-(pair -> slot -> adapter flag, slice table -> factor pointer -> tile),
-each a DRAM round trip when the L2 is cold. ``LORA_EARLY`` issues the chain
-and the epilogue's tiles before the K loop so it overlaps the weight
-stream (measured as fast or faster at 16- and 64-row blocks); the widest
-blocks load them after the loop, keeping the loop's registers free.
+The LoRA operands of a block sit behind dependent small loads, each a DRAM
+round trip when the L2 is cold. The slice table's rows are read all at once
+and the adapter flags as one vector, so the factor tiles wait only for the
+rows' slots (pair -> slot -> tile; the flags are applied to the rows after
+the loop). ``LORA_EARLY`` issues these loads before the K loop so they
+overlap the weight stream (measured as fast or faster at 16- and 64-row
+blocks); the widest blocks load them after the loop, keeping the loop's
+registers free.
 
 A program's column block must lie inside one slice (gate or up): the
 caller picks BLOCK_N so that slice boundaries fall on block boundaries.
@@ -56,7 +58,7 @@ import triton
 import triton.language as tl
 
 from vllm.lora.ops.triton_ops.lora_ops import (META_COLS, input_precision, rank_block,
-                                               shrink_parts, slice_table)
+                                               shrink_parts, slice_meta, slice_table)
 
 # Widest side-by-side factor (L * BLOCK_R) the kernel takes: beyond it the
 # in-register tile [BLOCK_M, L*R] gets too large; callers fall back to the
@@ -113,10 +115,11 @@ def fusion_block_n(lora: MoELoRAGemmFusion, block_n: int, N: int) -> int:
 # The kernel arguments of a GEMM without LoRA (read-only: copied, never changed).
 NO_LORA_KERNEL_ARGS: Mapping[str, Any] = MappingProxyType(dict(
     lora_slot_ptr=None, lora_enabled_ptr=None, lora_a0_ptr=None, lora_a_meta_ptr=None,
-    lora_b0_ptr=None, lora_b_meta_ptr=None, lora_inter_ptr=None, lora_num_slices=0,
+    lora_b0_ptr=None, lora_b_meta_ptr=None, lora_inter_ptr=None, lora_num_slots=0,
     lora_rank=0, stride_lar=0, stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0,
     stride_li_s=0, stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_EARLY=False,
-    LORA_PER_SLOT=False, LORA_SPLIT_K=1, LORA_BLOCK_L=1, LORA_BLOCK_R=16, LORA_PRECISION="ieee"))
+    LORA_PER_SLOT=False, LORA_NUM_SLICES=1, LORA_SPLIT_K=1, LORA_BLOCK_L=1, LORA_BLOCK_R=16,
+    LORA_PRECISION="ieee"))
 
 
 def lora_early_default(block_m: int) -> bool:
@@ -163,7 +166,8 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
                          f"pairs, top_k {lora.top_k}")
     args = dict(NO_LORA_KERNEL_ARGS, lora_slot_ptr=lora.token_lora_slot,
                 lora_enabled_ptr=lora.adapter_enabled, lora_b0_ptr=b0, lora_b_meta_ptr=b_table,
-                lora_num_slices=S, lora_rank=R, stride_lbn=stride_bn, stride_lbr=stride_br,
+                lora_num_slots=L, lora_rank=R, stride_lbn=stride_bn, stride_lbr=stride_br,
+                LORA_NUM_SLICES=S,
                 LORA_BLOCK_L=triton.next_power_of_2(L), LORA_BLOCK_R=rank_block(R),
                 LORA_PRECISION=input_precision(b0.dtype), LORA_EARLY=early)
     if lora.lora_a is not None:
@@ -183,48 +187,62 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
 
 
 @triton.jit
-def lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr, num_slices,
-                     R, expert, pair, pair_mask, top_k, offs_n, LORA_MODE: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
-    """-> (row slots, factor mask [BLOCK_L, BLOCK_R], slice, A base pointer of
-    the block's expert (B's when the shrink is not in the GEMM), A's slot
-    stride, B base pointer, B's slot stride, slice column offset, N_s).
-
-    A row's slot is -1 without an adapter or when its adapter skips the
-    layer; the factor mask keeps the slots some row runs with and rank < R,
-    and nothing when the column block is in no slice."""
+def lora_slot_loads(slot_ptr, enabled_ptr, num_slots, pair, pair_mask, top_k,
+                    BLOCK_L: tl.constexpr):
+    """The rows' slots (-1 without an adapter) and every slot's adapter flag
+    [BLOCK_L]: loads that wait for nothing but the block's pairs."""
     slot = tl.load(slot_ptr + pair // top_k, mask=pair_mask, other=-1)
-    on = tl.load(enabled_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
-    row_slot = tl.where(on != 0, slot, -1)
+    offs_l = tl.arange(0, BLOCK_L)
+    enabled = tl.load(enabled_ptr + offs_l, mask=offs_l < num_slots, other=0) != 0
+    return slot, enabled
 
+
+@triton.jit
+def lora_row_slots(slot, enabled, BLOCK_L: tl.constexpr):
+    """Each row's slot, -1 without an adapter or when its adapter skips the
+    layer."""
+    runs = (slot[:, None] == tl.arange(0, BLOCK_L)[None, :]) & enabled[None, :]
+    return tl.where(tl.max(runs.to(tl.int32), axis=1) > 0, slot, -1)
+
+
+@triton.jit
+def lora_slice(meta_ptr, offs_n, w0_ptr, NUM_SLICES: tl.constexpr):
+    """The slice the program's columns lie in, picked from every table row
+    at once so that no load waits for another: -> (slice, whether there is
+    one, factor pointer, slot stride, expert stride, N_s, column offset)."""
     n0 = tl.min(offs_n, axis=0)
     s = tl.zeros((), dtype=tl.int32) - 1
-    for i in range(num_slices):
-        off_i = tl.load(b_meta_ptr + i * META_COLS + 4)
-        n_i = tl.load(b_meta_ptr + i * META_COLS + 3)
-        s = tl.where((n0 >= off_i) & (n0 < off_i + n_i), i, s)
-    in_slice = s >= 0
-    s = tl.maximum(s, 0)
-    b_row = b_meta_ptr + s * META_COLS
-    b_ptr = tl.load(b_row).to(tl.pointer_type(b0_ptr.dtype.element_ty))
-    b_ptr += expert * tl.load(b_row + 2)
-    stride_bl = tl.load(b_row + 1)
-    n_s = tl.load(b_row + 3)
-    col_off = tl.load(b_row + 4)
-    if LORA_MODE == 1:
-        a_row = a_meta_ptr + s * META_COLS
-        a_ptr = tl.load(a_row).to(tl.pointer_type(a0_ptr.dtype.element_ty))
-        a_ptr += expert * tl.load(a_row + 2)
-        stride_al = tl.load(a_row + 1)
-    else:
-        a_ptr = b_ptr
-        stride_al = stride_bl
+    addr = tl.zeros((), dtype=tl.int64)
+    stride_l = tl.zeros((), dtype=tl.int64)
+    stride_e = tl.zeros((), dtype=tl.int64)
+    n_s = tl.zeros((), dtype=tl.int64)
+    col_off = tl.zeros((), dtype=tl.int64)
+    for i in tl.static_range(NUM_SLICES):
+        row = meta_ptr + i * META_COLS
+        off_i = tl.load(row + 4)
+        n_i = tl.load(row + 3)
+        hit = (n0 >= off_i) & (n0 < off_i + n_i)
+        s = tl.where(hit, i, s)
+        addr = tl.where(hit, tl.load(row), addr)
+        stride_l = tl.where(hit, tl.load(row + 1), stride_l)
+        stride_e = tl.where(hit, tl.load(row + 2), stride_e)
+        n_s = tl.where(hit, n_i, n_s)
+        col_off = tl.where(hit, off_i, col_off)
+    ptr = addr.to(tl.pointer_type(w0_ptr.dtype.element_ty))
+    return tl.maximum(s, 0), s >= 0, ptr, stride_l, stride_e, n_s, col_off
 
+
+@triton.jit
+def lora_factor_mask(row_slot, in_slice, num_slots, R, ONLY_RUN_SLOTS: tl.constexpr,
+                     BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    """[BLOCK_L, BLOCK_R]: rank < R of the layer's slots, none when the
+    column block is in no slice; with ``ONLY_RUN_SLOTS`` only the slots
+    some row runs with (``row_slot`` is then needed before the loads)."""
     offs_l = tl.arange(0, BLOCK_L)
-    offs_r = tl.arange(0, BLOCK_R)
-    present = tl.max((row_slot[:, None] == offs_l[None, :]).to(tl.int32), axis=0) > 0
-    factor_mask = (present & in_slice)[:, None] & (offs_r < R)[None, :]
-    return row_slot, factor_mask, s, a_ptr, stride_al, b_ptr, stride_bl, col_off, n_s
+    slots = (offs_l < num_slots) & in_slice
+    if ONLY_RUN_SLOTS:
+        slots &= tl.max((row_slot[:, None] == offs_l[None, :]).to(tl.int32), axis=0) > 0
+    return slots[:, None] & (tl.arange(0, BLOCK_R) < R)[None, :]
 
 
 @triton.jit
@@ -234,6 +252,17 @@ def own_slot_columns(t, row_slot, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
     t = tl.reshape(t, (BLOCK_M, BLOCK_L, BLOCK_R))
     own = row_slot[:, None] == tl.arange(0, BLOCK_L)[None, :]
     t = tl.where(own[:, :, None], t, 0.0)
+    return tl.reshape(t, (BLOCK_M, BLOCK_L * BLOCK_R))
+
+
+@triton.jit
+def own_slot_spread(t, row_slot, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """Shrink rows ``t`` [BLOCK_M, R] placed in their slot's columns of
+    [BLOCK_M, L*R]. A select, so rows without an adapter may hold anything
+    (the shrinks do not write them)."""
+    own = row_slot[:, None] == tl.arange(0, BLOCK_L)[None, :]
+    t = tl.where(own[:, :, None], t[:, None, :], 0.0)
     return tl.reshape(t, (BLOCK_M, BLOCK_L * BLOCK_R))
 
 
@@ -252,31 +281,19 @@ def lora_shrink_factor_tile(a_ptr, stride_al, factor_mask, k0, K, stride_ar, str
 
 
 @triton.jit
-def lora_shrink_rows(inter_ptr, s, pair, pair_mask, row_slot, R, stride_part, stride_s,
-                     stride_p, stride_r, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+def lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_part, stride_s, stride_p,
+                     stride_r, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_R: tl.constexpr):
     """The finished shrink of the block's pairs, [BLOCK_M, BLOCK_R] fp32 (the
-    SPLIT_K parts added up; zeros in rows without an adapter)."""
+    SPLIT_K parts added up), whatever their slot: rows without an adapter
+    are unwritten and must be selected away."""
     offs_r = tl.arange(0, BLOCK_R)
     ptrs = inter_ptr + s * stride_s + pair[:, None] * stride_p + offs_r[None, :] * stride_r
-    mask = (pair_mask & (row_slot >= 0))[:, None] & (offs_r < R)[None, :]
+    mask = pair_mask[:, None] & (offs_r < R)[None, :]
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for part in tl.static_range(SPLIT_K):
         t += tl.load(ptrs + part * stride_part, mask=mask, other=0.0)
     return t
-
-
-@triton.jit
-def lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, R, stride_part, stride_s,
-                          stride_p, stride_r, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The shrink output of the block's pairs placed in their slot's columns
-    (read as contiguous rows of R floats, then spread)."""
-    t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, row_slot, R, stride_part, stride_s,
-                         stride_p, stride_r, SPLIT_K, BLOCK_M, BLOCK_R)
-    own = row_slot[:, None] == tl.arange(0, BLOCK_L)[None, :]
-    t = tl.where(own[:, :, None], t[:, None, :], 0.0)
-    return tl.reshape(t, (BLOCK_M, BLOCK_L * BLOCK_R))
 
 
 @triton.jit
@@ -296,48 +313,83 @@ def lora_expand_factor_tile(factor_mask, b_ptr, stride_bl, col_off, n_s, offs_n,
 
 @triton.jit
 def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr, inter_ptr,
-                  num_slices, R, expert, pair, pair_mask, top_k, offs_n, n_mask, stride_bn,
+                  num_slots, R, expert, pair, pair_mask, top_k, offs_n, n_mask, stride_bn,
                   stride_br, stride_i_part, stride_i_s, stride_i_p, stride_i_r,
-                  LORA_MODE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Everything the K loop (LORA_MODE 1) and the epilogue read: -> (row
-    slots, factor mask, A pointer, A's slot stride, B tile, shrink tile:
-    zeros to accumulate into (mode 1) or the finished shrink (mode 2))."""
-    (row_slot, factor_mask, s, a_ptr, stride_al, b_ptr, stride_bl, col_off,
-     n_s) = lora_block_setup(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
-                             num_slices, R, expert, pair, pair_mask, top_k, offs_n, LORA_MODE,
-                             BLOCK_L, BLOCK_R)
-    b = lora_expand_factor_tile(factor_mask, b_ptr, stride_bl, col_off, n_s, offs_n, n_mask,
-                                stride_bn, stride_br, BLOCK_L, BLOCK_R)
+                  LORA_MODE: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Everything the K loop (LORA_MODE 1) and the side-by-side epilogue
+    read: -> (row slots (mode 2: before the adapter flags, see
+    ``lora_side_by_side_delta``), adapter flags, factor mask, A pointer, A's
+    slot stride, B tile, shrink: zeros to accumulate into (mode 1) or the
+    block's rows (mode 2)).
+
+    Mode 2 loads the B tile of every slot and the shrink rows of every pair,
+    so these loads wait only for the pairs and the slice table: issued
+    before the K loop, they then overlap it instead of a chain of dependent
+    round trips (pair -> slot -> adapter flag -> tile) delaying it. Mode 1
+    reads A every K step: only the slots some row runs with."""
+    slot, enabled = lora_slot_loads(slot_ptr, enabled_ptr, num_slots, pair, pair_mask, top_k,
+                                    BLOCK_L)
+    s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(b_meta_ptr, offs_n,
+                                                                        b0_ptr, NUM_SLICES)
+    b_ptr += expert * stride_be
     if LORA_MODE == 1:
+        row_slot = lora_row_slots(slot, enabled, BLOCK_L)
+        factor_mask = lora_factor_mask(row_slot, in_slice, num_slots, R, True, BLOCK_L, BLOCK_R)
+        a_ptr, stride_al, stride_ae, _, _ = slice_meta(a_meta_ptr, s, a0_ptr)
+        a_ptr += expert * stride_ae
         t = tl.zeros((BLOCK_M, BLOCK_L * BLOCK_R), dtype=tl.float32)
     else:
-        t = lora_done_shrink_tile(inter_ptr, s, pair, pair_mask, row_slot, R, stride_i_part,
-                                  stride_i_s, stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_L,
-                                  BLOCK_R)
-    return row_slot, factor_mask, a_ptr, stride_al, b, t
+        row_slot = slot
+        factor_mask = lora_factor_mask(slot, in_slice, num_slots, R, True, BLOCK_L, BLOCK_R)
+        a_ptr = b_ptr
+        stride_al = stride_bl
+        t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
+                             stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
+    b = lora_expand_factor_tile(factor_mask, b_ptr, stride_bl, col_off, n_s, offs_n, n_mask,
+                                stride_bn, stride_br, BLOCK_L, BLOCK_R)
+    return row_slot, enabled, factor_mask, a_ptr, stride_al, b, t
 
 
 @triton.jit
-def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr, num_slices, R,
+def lora_side_by_side_delta(acc, lora_acc, row_slot, enabled, b, LORA_MODE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+                            BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc`` plus ``t @ B_tile``, t the rows' shrink in their own slot's
+    columns: mode 1 keeps each row's own columns of the every-slot shrink,
+    mode 2 spreads the shrink rows, applying the adapter flags only now."""
+    if LORA_MODE == 1:
+        t = own_slot_columns(lora_acc, row_slot, BLOCK_M, BLOCK_L, BLOCK_R)
+    else:
+        t = own_slot_spread(lora_acc, lora_row_slots(row_slot, enabled, BLOCK_L), BLOCK_M,
+                            BLOCK_L, BLOCK_R)
+    # rounded to the factors' dtype for the dot, as the separate expand does
+    return tl.dot(t.to(b.dtype), b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr, num_slots, R,
                            expert, pair, pair_mask, top_k, offs_n, n_mask, stride_i_part,
-                           stride_i_s, stride_i_p, stride_i_r, SPLIT_K: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+                           stride_i_s, stride_i_p, stride_i_r, NUM_SLICES: tl.constexpr,
+                           SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
                            BLOCK_R: tl.constexpr):
     """The per-slot epilogue's operands but the factor tiles: -> (row slots,
-    factor mask, B base pointer, B's slot stride, B column of each output
-    column, its mask, the block's shrink rows [BLOCK_M, BLOCK_R] in the
-    factors' dtype)."""
-    (row_slot, factor_mask, s, _, _, b_ptr, stride_bl, col_off,
-     n_s) = lora_block_setup(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, b0_ptr, b_meta_ptr,
-                             num_slices, R, expert, pair, pair_mask, top_k, offs_n, 2, BLOCK_L,
-                             BLOCK_R)
-    t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, row_slot, R, stride_i_part, stride_i_s,
+    factor mask (slots some row runs with), B base pointer, B's slot stride,
+    B column of each output column, its mask, the block's shrink rows
+    [BLOCK_M, BLOCK_R] in the factors' dtype)."""
+    slot, enabled = lora_slot_loads(slot_ptr, enabled_ptr, num_slots, pair, pair_mask, top_k,
+                                    BLOCK_L)
+    s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(b_meta_ptr, offs_n,
+                                                                        b0_ptr, NUM_SLICES)
+    row_slot = lora_row_slots(slot, enabled, BLOCK_L)
+    factor_mask = lora_factor_mask(row_slot, in_slice, num_slots, R, True, BLOCK_L, BLOCK_R)
+    t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
                          stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
     n_in = offs_n - col_off
     n_ok = n_mask & (n_in >= 0) & (n_in < n_s)
     # rounded to the factors' dtype, as the separate expand does
-    return row_slot, factor_mask, b_ptr, stride_bl, n_in, n_ok, t.to(b0_ptr.dtype.element_ty)
+    return (row_slot, factor_mask, b_ptr + expert * stride_be, stride_bl, n_in, n_ok,
+            t.to(b0_ptr.dtype.element_ty))
 
 
 @triton.jit

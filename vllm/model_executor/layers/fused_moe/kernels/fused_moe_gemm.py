@@ -16,13 +16,13 @@ import triton
 import triton.language as tl
 
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (NO_LORA_KERNEL_ARGS, MoELoRAGemmFusion,
-                                                        fusion_block_n, lora_early_default,
-                                                        lora_add_per_slot, lora_kernel_args,
+                                                        fusion_block_n, lora_add_per_slot,
+                                                        lora_early_default, lora_kernel_args,
                                                         lora_operands, lora_per_slot_default,
                                                         lora_per_slot_operands,
                                                         lora_shrink_factor_tile,
-                                                        moe_lora_gemm_delta_torch,
-                                                        own_slot_columns)
+                                                        lora_side_by_side_delta,
+                                                        moe_lora_gemm_delta_torch)
 from vllm.model_executor.layers.fused_moe.kernels.moe_tile import moe_tile, moe_tile_store
 
 
@@ -34,13 +34,14 @@ def _fused_moe_gemm_kernel(
         stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
         stride_bias_e, stride_bias_n,
         lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
-        lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, stride_lar, stride_lak,
+        lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, stride_lar, stride_lak,
         stride_lbn, stride_lbr, stride_li_part, stride_li_s, stride_li_p, stride_li_r,
         GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
         BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, LORA_MODE: tl.constexpr,
-        LORA_EARLY: tl.constexpr, LORA_PER_SLOT: tl.constexpr, LORA_SPLIT_K: tl.constexpr,
-        LORA_BLOCK_L: tl.constexpr, LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+        LORA_EARLY: tl.constexpr, LORA_PER_SLOT: tl.constexpr, LORA_NUM_SLICES: tl.constexpr,
+        LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
+        LORA_PRECISION: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
         sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
@@ -50,12 +51,13 @@ def _fused_moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     # LoRA: see vllm/lora/ops/triton_ops/moe_lora_in_gemm.py
     if LORA_MODE != 0 and LORA_EARLY:
-        row_slot, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc = lora_operands(
+        (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b,
+         lora_acc) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
-            lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask,
+            lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
             top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
-            stride_li_p, stride_li_r, LORA_MODE, LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L,
-            LORA_BLOCK_R)
+            stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
+            LORA_BLOCK_L, LORA_BLOCK_R)
 
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
     # B[e] is [N, K]; reading it as a K x N tile computes a @ B[e].T.
@@ -79,25 +81,24 @@ def _fused_moe_gemm_kernel(
         row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n, lora_n_ok, lora_t = \
             lora_per_slot_operands(
                 lora_slot_ptr, lora_enabled_ptr, lora_b0_ptr, lora_b_meta_ptr, lora_inter_ptr,
-                lora_num_slices, lora_rank, expert, pair, pair_mask, top_k, offs_n, n_mask,
-                stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_SPLIT_K,
-                BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R)
+                lora_num_slots, lora_rank, expert, pair, pair_mask, top_k, offs_n, n_mask,
+                stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_NUM_SLICES,
+                LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R)
     elif LORA_MODE != 0 and not LORA_EARLY:
-        row_slot, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc = lora_operands(
+        (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b,
+         lora_acc) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
-            lora_b_meta_ptr, lora_inter_ptr, lora_num_slices, lora_rank, expert, pair, pair_mask,
+            lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
             top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
-            stride_li_p, stride_li_r, LORA_MODE, LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L,
-            LORA_BLOCK_R)
-    if LORA_MODE == 1:  # the shrink of every slot: keep each row's own
-        lora_acc = own_slot_columns(lora_acc, row_slot, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R)
+            stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
+            LORA_BLOCK_L, LORA_BLOCK_R)
     if LORA_PER_SLOT:
         acc = lora_add_per_slot(acc, row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n,
                                 lora_n_ok, lora_t, lora_rank, stride_lbn, stride_lbr,
                                 LORA_BLOCK_L, LORA_BLOCK_R, LORA_PRECISION)
     elif LORA_MODE != 0:
-        # rounded to the factors' dtype for the dot, as the separate expand does
-        acc = tl.dot(lora_acc.to(lora_b.dtype), lora_b, acc, input_precision=LORA_PRECISION)
+        acc = lora_side_by_side_delta(acc, lora_acc, row_slot, lora_enabled, lora_b, LORA_MODE,
+                                      BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R, LORA_PRECISION)
     moe_tile_store(acc, c_ptr, bias_ptr, topk_weights_ptr, expert, pair, pair_mask, offs_n, n_mask,
                    stride_cm, stride_cn, stride_bias_e, stride_bias_n, HAS_BIAS, MUL_ROUTED_WEIGHT)
 
