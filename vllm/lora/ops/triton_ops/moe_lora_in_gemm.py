@@ -377,11 +377,13 @@ def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr,
     factor mask (slots some row runs with), B base pointer, B's slot stride,
     B column of each output column, its mask, the block's shrink rows
     [BLOCK_M, BLOCK_R] in the factors' dtype)."""
-    slot, enabled = lora_slot_loads(slot_ptr, enabled_ptr, num_slots, pair, pair_mask, top_k,
-                                    BLOCK_L)
+    # loaded after the loop: a gather per row, no [BLOCK_M, BLOCK_L] tile beside
+    # the wide accumulator
+    slot = tl.load(slot_ptr + pair // top_k, mask=pair_mask, other=-1)
+    on = tl.load(enabled_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
+    row_slot = tl.where(on != 0, slot, -1)
     s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(b_meta_ptr, offs_n,
                                                                         b0_ptr, NUM_SLICES)
-    row_slot = lora_row_slots(slot, enabled, BLOCK_L)
     factor_mask = lora_factor_mask(row_slot, in_slice, num_slots, R, True, BLOCK_L, BLOCK_R)
     t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
                          stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
