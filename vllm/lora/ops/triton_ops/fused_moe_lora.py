@@ -307,9 +307,9 @@ def pair_shrink_kernel_args(lora: MoELoRAPairShrink, rows: int, K: int) -> dict[
         raise ValueError(f"lora_a {tuple(lora.lora_a.shape)} and {T}x{k} pairs do not fit "
                          f"{rows} rows of {K} columns")
     if parts is None or tuple(lora.out.shape) != (parts, 1, rows, R) or \
-            lora.out.dtype != torch.float32:
-        raise ValueError(f"the shrink output must be float32 [{parts}, 1, {rows}, {R}], got "
-                         f"{lora.out.dtype} {list(lora.out.shape)}")
+            lora.out.dtype != torch.float32 or lora.out.stride(3) != 1:
+        raise ValueError(f"the shrink output must be float32 [{parts}, 1, {rows}, {R}] with "
+                         f"contiguous rows, got {lora.out.dtype} {list(lora.out.shape)}")
     if not lora.topk_ids.is_contiguous() or lora.adapter_enabled.numel() < L:
         raise ValueError("topk_ids must be contiguous, adapter_enabled cover every slot")
     return dict(lora_w_ptr=lora.lora_a, lora_out_ptr=lora.out, lora_topk_ids_ptr=lora.topk_ids,
