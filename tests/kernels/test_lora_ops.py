@@ -36,6 +36,17 @@ def token_slots(T: int, max_loras: int, gen: torch.Generator) -> torch.Tensor:
     return slots.to(DEVICE)
 
 
+def adapter_flags(slots: torch.Tensor, max_loras: int,
+                  dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Every slot's adapter touches the layer but, when tokens use more than
+    one slot, the first used one: its tokens must get no delta."""
+    enabled = torch.ones(max_loras, dtype=torch.int32)
+    used = sorted(set(slots.tolist()) - {-1})
+    if len(used) > 1:
+        enabled[used[0]] = 0
+    return enabled.to(DEVICE, dtype)
+
+
 def factors(shapes: list[tuple[int, ...]], fan_in: int, dtype: torch.dtype,
             gen: torch.Generator) -> list[torch.Tensor]:
     return [(torch.randn(*s, generator=gen) / fan_in**0.5).to(DEVICE, dtype) for s in shapes]
@@ -170,12 +181,8 @@ def test_fused_moe_lora_shrink_expand(dtype, case, gather_rows, with_weights):
     gen = torch.Generator().manual_seed(T * 31 + E)
     topk_weights, topk_ids = routing(T, k, E, ep_drop, gen)
     slots = token_slots(T, L, gen)
-    enabled = torch.ones(L, dtype=torch.int32)
-    used = sorted(set(slots.tolist()) - {-1})
-    if len(used) > 1:
-        enabled[used[0]] = 0     # a slot with tokens whose adapter skips this layer
     # both dtypes a caller may keep the flags in
-    enabled = enabled.to(DEVICE, torch.bool if with_weights else torch.int32)
+    enabled = adapter_flags(slots, L, torch.bool if with_weights else torch.int32)
     block = block or moe_lora.moe_lora_block_size(T * k, E, L)
     sorted_ids, expert_ids, npp = moe_lora_align_block_size(topk_ids, slots, block, E, L)
     groups = torch_ops.moe_lora_groups(topk_ids, slots, enabled)
@@ -220,11 +227,7 @@ def test_fused_moe_lora_shrink_by_pair(dtype, case, gather_rows):
     gen = torch.Generator().manual_seed(T * 17 + E)
     _, topk_ids = routing(T, k, E, ep_drop, gen)
     slots = token_slots(T, L, gen)
-    enabled = torch.ones(L, dtype=torch.int32)
-    used = sorted(set(slots.tolist()) - {-1})
-    if len(used) > 1:
-        enabled[used[0]] = 0
-    enabled = enabled.to(DEVICE)
+    enabled = adapter_flags(slots, L)
     groups = torch_ops.moe_lora_groups(topk_ids, slots, enabled)
     written = torch.cat([g[2] for g in groups])
     S, P = len(Ns), T * k
@@ -259,11 +262,7 @@ def test_gated_activation_with_pair_shrink(dtype, case):
     gen = torch.Generator().manual_seed(T * 7 + N)
     _, topk_ids = routing(T, k, E, 0.2, gen)
     slots = token_slots(T, L, gen)
-    enabled = torch.ones(L, dtype=torch.int32)
-    used = sorted(set(slots.tolist()) - {-1})
-    if len(used) > 1:
-        enabled[used[0]] = 0
-    enabled = enabled.to(DEVICE)
+    enabled = adapter_flags(slots, L)
     cache1 = (torch.randn(T * k, 2 * N, generator=gen) * 3).to(DEVICE, dtype)
     lora_a = factors([(L, E, R, N)], N, dtype, gen)[0]
     parts = moe_lora.pair_shrink_parts(N, R)

@@ -9,7 +9,8 @@ read them. Rows of pairs in no block must stay NaN."""
 import pytest
 import torch
 
-from tests.kernels.test_lora_ops import DTYPES, NAN, TOL, factors, routing, token_slots
+from tests.kernels.test_lora_ops import (DTYPES, NAN, TOL, adapter_flags, factors, routing,
+                                         token_slots)
 from vllm.lora.ops import torch_ops
 from vllm.model_executor.layers.fused_moe.moe_align import moe_align_block_size_torch
 
@@ -32,11 +33,7 @@ def make_case(case, dtype, gather_rows, gen):
     T, k, E, L, R, Ns, K, ep_drop, block = case
     topk_weights, topk_ids = routing(T, k, E, ep_drop, gen)
     slots = token_slots(T, L, gen)
-    enabled = torch.ones(L, dtype=torch.int32)
-    used = sorted(set(slots.tolist()) - {-1})
-    if len(used) > 1:
-        enabled[used[0]] = 0
-    enabled = enabled.to(DEVICE)
+    enabled = adapter_flags(slots, L)
     N, S = sum(Ns), len(Ns)
     offsets = [sum(Ns[:i]) for i in range(S)]
     a = torch.randn(T if gather_rows else T * k, K, generator=gen).to(DEVICE, dtype)
