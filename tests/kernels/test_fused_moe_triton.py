@@ -120,12 +120,33 @@ def run_both(case: str, dtype: torch.dtype, T: int, H: int, I: int, E: int, k: i
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_ON_GPU])
 @pytest.mark.parametrize("case", list(CASES))
-def test_triton_experts_match_reference(monkeypatch, case, dtype):
+@pytest.mark.parametrize("T", [1, 11])  # one token: no alignment kernel
+def test_triton_experts_match_reference(monkeypatch, case, dtype, T):
     # the Triton alignment too, not only the GEMMs
     monkeypatch.setenv("VLLM_MOE_OPS_IMPL", "triton")
-    got, want = run_both(case, dtype, T=11, H=32, I=48, E=8, k=2, device=DEVICE, seed=11)
+    got, want = run_both(case, dtype, T=T, H=32, I=48, E=8, k=2, device=DEVICE, seed=11)
     assert not want.isnan().any()
     torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_one_token_alignment_is_built_once_and_holds_every_pair():
+    moe = FusedMoEConfig(num_experts=8, num_local_experts=8, top_k=3, hidden_size=32,
+                         intermediate_size=32, activation=MoEActivation(), has_bias=False,
+                         dtype=torch.float32, device=DEVICE)
+    experts = TritonExperts(moe)
+    ids = torch.tensor([[5, 0, 2]], dtype=torch.int32, device=DEVICE)
+    first = experts.align(ids)
+    block = first["sorted_pair_ids"].numel() // 3
+    assert first["expert_ids"].tolist() == [5, 0, 2]
+    assert first["num_pairs_post_padded"].tolist() == [3 * block]
+    rows = first["sorted_pair_ids"].reshape(3, block)
+    assert rows[:, 0].tolist() == [0, 1, 2] and (rows[:, 1:] == 3).all()
+    again = experts.align(torch.tensor([[1, 7, 4]], dtype=torch.int32, device=DEVICE))
+    assert again["sorted_pair_ids"] is first["sorted_pair_ids"]
+    assert again["expert_ids"].tolist() == [1, 7, 4]
+    # more tokens take the sorting alignment
+    two = experts.align(torch.tensor([[1, 7, 4], [7, 1, 0]], dtype=torch.int32, device=DEVICE))
+    assert two["expert_ids"][:4].tolist() == [0, 1, 4, 7]
 
 
 def test_unsupported_reason():

@@ -60,6 +60,21 @@ def moe_align_block_size_torch(topk_ids: torch.Tensor, block_size: int, num_expe
     return sorted_ids, expert_ids, total
 
 
+def one_token_alignment(top_k: int, block_size: int, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_pair_ids [top_k * block_size] int32, num_pairs_post_padded [1]
+    int32) of an alignment of ONE token's pairs that needs no kernel: the
+    token's top_k experts are distinct, so block j can hold pair j alone,
+    and ``topk_ids.reshape(-1)`` is its ``expert_ids``. Unlike
+    ``moe_align_block_size``'s, its blocks are in pair order (the GEMMs do
+    not mind) and an expert of another rank keeps its block (id -1, which
+    the GEMMs skip). The same for every step: build it once."""
+    sorted_ids = torch.full((top_k, block_size), top_k, dtype=torch.int32, device=device)
+    sorted_ids[:, 0] = torch.arange(top_k, dtype=torch.int32, device=device)
+    total = torch.tensor([top_k * block_size], dtype=torch.int32, device=device)
+    return sorted_ids.reshape(-1), total
+
+
 def moe_lora_align_block_size_torch(topk_ids: torch.Tensor, token_lora_slot: torch.Tensor,
                                     block_size: int, num_experts: int, max_loras: int
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
