@@ -100,6 +100,56 @@ def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shri
         assert groups and not torch.allclose(want[routed], base[routed])  # LoRA did something
 
 
+needs_pdl = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="programmatic dependent launch needs a Hopper or newer GPU")
+
+
+@pytest.mark.gpu
+@needs_pdl
+@pytest.mark.parametrize("early,per_slot", [(True, False), (False, False), (False, True)])
+def test_gemm_overlapping_the_shrink_by_pair(early, per_slot):
+    """The GEMM launched while the by-pair shrink still runs waits for it:
+    the shrink output starts as NaN, a read before the shrink is done shows
+    up in the result. A long K makes the shrink outlast the GEMM's start."""
+    moe_lora = pytest.importorskip("vllm.lora.ops.triton_ops.fused_moe_lora")
+    gen = torch.Generator().manual_seed(5)
+    case = (6, 4, 8, 3, 16, (64, 64), 4096, 0.1, 16)
+    T, k = case[0], case[1]
+    (_, topk_ids, slots, enabled, offsets, a, b, lora_a, lora_b,
+     aligned) = make_case(case, torch.bfloat16, True, gen)
+    config = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1,
+                  num_warps=4, num_stages=3, lora_early=early, lora_per_slot=per_slot)
+    shrink = moe_lora.moe_lora_shrink_by_pair_config(a.shape[1])
+    for _ in range(3):
+        inter = torch.full((shrink["SPLIT_K"], len(lora_a), T * k, case[4]), NAN, device=DEVICE)
+        moe_lora.fused_moe_lora_shrink_by_pair(a, lora_a, topk_ids, slots, enabled, True,
+                                               inter, shrink)
+        lora = in_gemm.MoELoRAGemmFusion(slots, enabled, lora_b, offsets, k, inter=inter,
+                                         inter_in_flight=True)
+        got = torch.full((T * k, b.shape[1]), NAN, dtype=a.dtype, device=DEVICE)
+        gemm.invoke_fused_moe_gemm(a, b, got, config=config, lora=lora, **aligned)
+        torch.cuda.synchronize()
+        want = torch.full_like(got, NAN)
+        gemm.fused_moe_gemm_torch(a, b, want, lora=lora, **aligned)
+        torch.testing.assert_close(got, want, equal_nan=True, **TOL[a.dtype])
+
+
+def test_shrink_in_flight_needs_pdl():
+    gen = torch.Generator().manual_seed(0)
+    case = (6, 2, 4, 2, 8, (32,), 32, 0.0, 16)
+    (_, _, slots, enabled, offsets, a, b, _, lora_b,
+     aligned) = make_case(case, torch.float32, True, gen)
+    lora = in_gemm.MoELoRAGemmFusion(slots, enabled, lora_b, offsets, 2,
+                                     inter=torch.zeros(1, 12, 8, device=DEVICE),
+                                     inter_in_flight=True)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        pytest.skip("this device has programmatic dependent launch")
+    with pytest.raises(ValueError, match="programmatic dependent launch"):
+        gemm.invoke_fused_moe_gemm(a, b, torch.empty(12, 32, device=DEVICE), lora=lora,
+                                   **aligned)
+
+
 def test_fusion_block_n_keeps_blocks_inside_slices():
     b = [torch.zeros(1, 1, 48, 16), torch.zeros(1, 1, 48, 16)]
     lora = in_gemm.MoELoRAGemmFusion(torch.zeros(1, dtype=torch.int32), torch.ones(1), b,

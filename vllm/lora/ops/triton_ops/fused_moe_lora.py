@@ -50,10 +50,12 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from vllm.lora.ops.triton_ops.lora_ops import (expand_add, input_precision, rank_block,
                                                shrink_block_k, shrink_parts, shrink_tile,
                                                slice_meta, slice_table, split_config)
+from vllm.triton_utils import supports_pdl
 
 
 @triton.jit
@@ -203,7 +205,10 @@ def _moe_lora_shrink_by_pair_kernel(
         x_ptr, w0_ptr, meta_ptr, out_ptr, topk_ids_ptr, slot_ptr, enabled_ptr,
         K, R, top_k, stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os,
         stride_op, stride_or, GATHER_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    if LAUNCH_DEPENDENTS:
+        # the GEMM that reads the output may start now (it waits before reading)
+        gdc_launch_dependents()
     p = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
@@ -254,7 +259,8 @@ def fused_moe_lora_shrink_by_pair(x: torch.Tensor, lora_a: list[torch.Tensor],
         x, w0, table, parts, topk_ids.contiguous(), token_lora_slot,
         adapter_enabled, K, R, k, x.stride(0), x.stride(1), stride_wr, stride_wk,
         *parts.stride(), GATHER_ROWS=gather_rows, BLOCK_R=rank_block(R),
-        BLOCK_K=config["BLOCK_SIZE_K"], SPLIT_K=split_k, num_warps=config["num_warps"])
+        BLOCK_K=config["BLOCK_SIZE_K"], SPLIT_K=split_k, LAUNCH_DEPENDENTS=supports_pdl(x.device),
+        num_warps=config["num_warps"])
 
 
 def moe_lora_shrink_by_pair_config(K: int) -> dict[str, int]:

@@ -43,6 +43,14 @@ overlap the weight stream (measured as fast or faster at 16- and 64-row
 blocks); the widest blocks load them after the loop, keeping the loop's
 registers free.
 
+When the shrink output is written by the kernel launched just before the
+GEMM (``inter_in_flight``: the w13 shrink by pair), the GEMM is launched
+as a programmatic dependent of it (Hopper and newer): its programs start
+while the shrink runs, read only what earlier kernels wrote (routing,
+alignment, weights) until ``gdc_wait`` after the K loop, and then read the
+shrink rows. Every program, inactive ones too, waits before it ends or
+writes, so the GEMM finishing still means the shrink has finished.
+
 A program's column block must lie inside one slice (gate or up): the
 caller picks BLOCK_N so that slice boundaries fall on block boundaries.
 """
@@ -59,6 +67,7 @@ import triton.language as tl
 
 from vllm.lora.ops.triton_ops.lora_ops import (META_COLS, input_precision, rank_block,
                                                shrink_parts, slice_meta, slice_table)
+from vllm.triton_utils import supports_pdl
 
 # Widest side-by-side factor (L * BLOCK_R) the kernel takes: beyond it the
 # in-register tile [BLOCK_M, L*R] gets too large; callers fall back to the
@@ -78,6 +87,9 @@ class MoELoRAGemmFusion:
     top_k: int
     lora_a: list[torch.Tensor] | None = None  # per slice [L, E, R, K]
     inter: torch.Tensor | None = None       # [SPLIT_K, S, T*k, R] or [S, T*k, R] fp32
+    # ``inter`` is written by the kernel launched just before the GEMM, which
+    # then starts early and waits for it (see the module docstring)
+    inter_in_flight: bool = False
 
     @property
     def num_slots(self) -> int:
@@ -118,8 +130,8 @@ NO_LORA_KERNEL_ARGS: Mapping[str, Any] = MappingProxyType(dict(
     lora_b0_ptr=None, lora_b_meta_ptr=None, lora_inter_ptr=None, lora_num_slots=0,
     lora_rank=0, stride_lar=0, stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0,
     stride_li_s=0, stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_EARLY=False,
-    LORA_PER_SLOT=False, LORA_NUM_SLICES=1, LORA_SPLIT_K=1, LORA_BLOCK_L=1, LORA_BLOCK_R=16,
-    LORA_PRECISION="ieee"))
+    LORA_PER_SLOT=False, LORA_WAIT=False, LORA_NUM_SLICES=1, LORA_SPLIT_K=1, LORA_BLOCK_L=1,
+    LORA_BLOCK_R=16, LORA_PRECISION="ieee"))
 
 
 def lora_early_default(block_m: int) -> bool:
@@ -161,6 +173,9 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
     if lora.adapter_enabled.numel() < L:
         raise ValueError(f"adapter_enabled has {lora.adapter_enabled.numel()} entries for {L} "
                          "slots")
+    if lora.inter_in_flight and not supports_pdl(a.device):
+        raise ValueError(f"a shrink in flight needs programmatic dependent launch, which "
+                         f"{a.device} lacks")
     if lora.token_lora_slot.numel() * lora.top_k != num_valid_pairs:
         raise ValueError(f"{lora.token_lora_slot.numel()} token slots for {num_valid_pairs} "
                          f"pairs, top_k {lora.top_k}")
@@ -183,7 +198,8 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
     return dict(args, lora_inter_ptr=parts, stride_li_part=parts.stride(0),
                 stride_li_s=parts.stride(1), stride_li_p=parts.stride(2),
                 stride_li_r=parts.stride(3), LORA_MODE=2, LORA_SPLIT_K=parts.shape[0],
-                LORA_PER_SLOT=per_slot, LORA_EARLY=early and not per_slot)
+                LORA_PER_SLOT=per_slot, LORA_EARLY=early and not per_slot,
+                LORA_WAIT=lora.inter_in_flight)
 
 
 @triton.jit
@@ -314,12 +330,14 @@ def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
                   num_slots, R, expert, pair, pair_mask, top_k, offs_n, n_mask, stride_bn,
                   stride_br, stride_i_part, stride_i_s, stride_i_p, stride_i_r,
                   LORA_MODE: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+                  SHRINK_ROWS: tl.constexpr):
     """Everything the K loop (LORA_MODE 1) and the side-by-side epilogue
     read: -> (row slots (mode 2: before the adapter flags, see
     ``lora_side_by_side_delta``), adapter flags, factor mask, A pointer, A's
     slot stride, B tile, shrink: zeros to accumulate into (mode 1) or the
-    block's rows (mode 2)).
+    block's rows (mode 2; zeros without SHRINK_ROWS: the caller loads them
+    once the shrink is done), the column block's slice).
 
     Mode 2 masks the B tile by the slots the rows carry, before their
     adapter flags, and loads the shrink rows of every pair, so no load waits
@@ -344,11 +362,14 @@ def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
         factor_mask = lora_factor_mask(slot, in_slice, num_slots, R, BLOCK_L, BLOCK_R)
         a_ptr = b_ptr
         stride_al = stride_bl
-        t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
-                             stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
+        if SHRINK_ROWS:
+            t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
+                                 stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
+        else:
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     b = lora_expand_factor_tile(factor_mask, b_ptr, stride_bl, col_off, n_s, offs_n, n_mask,
                                 stride_bn, stride_br, BLOCK_L, BLOCK_R)
-    return row_slot, enabled, factor_mask, a_ptr, stride_al, b, t
+    return row_slot, enabled, factor_mask, a_ptr, stride_al, b, t, s
 
 
 @triton.jit

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (NO_LORA_KERNEL_ARGS, MoELoRAGemmFusion,
                                                         fusion_block_n, lora_add_per_slot,
@@ -21,6 +22,7 @@ from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (NO_LORA_KERNEL_ARGS, MoEL
                                                         lora_operands, lora_per_slot_default,
                                                         lora_per_slot_operands,
                                                         lora_shrink_factor_tile,
+                                                        lora_shrink_rows,
                                                         lora_side_by_side_delta,
                                                         moe_lora_gemm_delta_torch)
 from vllm.model_executor.layers.fused_moe.kernels.moe_tile import moe_tile, moe_tile_store
@@ -39,25 +41,27 @@ def _fused_moe_gemm_kernel(
         GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
         BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, LORA_MODE: tl.constexpr,
-        LORA_EARLY: tl.constexpr, LORA_PER_SLOT: tl.constexpr, LORA_NUM_SLICES: tl.constexpr,
-        LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
-        LORA_PRECISION: tl.constexpr):
+        LORA_EARLY: tl.constexpr, LORA_PER_SLOT: tl.constexpr, LORA_WAIT: tl.constexpr,
+        LORA_NUM_SLICES: tl.constexpr, LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr,
+        LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
         sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
         GROUP_SIZE_M)
     if not active:
+        if LORA_WAIT:
+            gdc_wait()
         return
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     # LoRA: see vllm/lora/ops/triton_ops/moe_lora_in_gemm.py
     if LORA_MODE != 0 and LORA_EARLY:
-        (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b,
-         lora_acc) = lora_operands(
+        (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc,
+         lora_s) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
             top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
             stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
-            LORA_BLOCK_L, LORA_BLOCK_R)
+            LORA_BLOCK_L, LORA_BLOCK_R, not LORA_WAIT)
 
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
     # B[e] is [N, K]; reading it as a K x N tile computes a @ B[e].T.
@@ -77,6 +81,8 @@ def _fused_moe_gemm_kernel(
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
 
+    if LORA_WAIT:
+        gdc_wait()
     if LORA_PER_SLOT:
         row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n, lora_n_ok, lora_t = \
             lora_per_slot_operands(
@@ -85,13 +91,17 @@ def _fused_moe_gemm_kernel(
                 stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_NUM_SLICES,
                 LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R)
     elif LORA_MODE != 0 and not LORA_EARLY:
-        (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b,
-         lora_acc) = lora_operands(
+        (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc,
+         lora_s) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
             top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
             stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
-            LORA_BLOCK_L, LORA_BLOCK_R)
+            LORA_BLOCK_L, LORA_BLOCK_R, True)
+    elif LORA_WAIT:  # early operands, the shrink rows only now that the shrink is done
+        lora_acc = lora_shrink_rows(lora_inter_ptr, lora_s, pair, pair_mask, lora_rank,
+                                    stride_li_part, stride_li_s, stride_li_p, stride_li_r,
+                                    LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_R)
     if LORA_PER_SLOT:
         acc = lora_add_per_slot(acc, row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n,
                                 lora_n_ok, lora_t, lora_rank, stride_lbn, stride_lbr,
@@ -195,7 +205,8 @@ def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
         INPUT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
         BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=block_n,
         BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config["GROUP_SIZE_M"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        launch_pdl=lora_args["LORA_WAIT"])
 
 
 def fused_moe_gemm_torch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
