@@ -39,7 +39,7 @@ from vllm.lora.ops.triton_ops.moe_lora_in_gemm import MoELoRAGemmFusion  # noqa:
 from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (  # noqa: E402
     fused_moe_gemm_torch, invoke_fused_moe_gemm)
 from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (  # noqa: E402
-    CONFIG_DIR, config_filename, device_key)
+    CONFIG_DIR, config_filename, device_key, expert_gemm_configs_untuned)
 from vllm.model_executor.layers.fused_moe.moe_align import moe_align_block_size  # noqa: E402
 from vllm.model_executor.layers.fused_moe.router import RouterConfig, select_experts  # noqa: E402
 
@@ -54,6 +54,8 @@ SPACES = {
                   stages=[3, 4]),
     "full": dict(m=[16, 32, 64, 128], n=[32, 64, 128, 256], k=[64, 128, 256], group=[1, 16],
                  warps=[4, 8], stages=[3, 4, 5]),
+    # a few wide tiles, to try against the heuristics in one short run
+    "wide": dict(m=[64, 128], n=[128, 256], k=[64], group=[1, 16], warps=[8], stages=[3, 4]),
     # GEMMs with the LoRA epilogue (BLOCK_SIZE_M is the entry's): two stages
     # leave room for a second program per SM to hide the epilogue's latency
     "lora": dict(m=[], n=[128, 256], k=[64], group=[1, 16], warps=[4, 8], stages=[2, 3, 4]),
@@ -109,7 +111,28 @@ def tune_tokens(H: int, I: int, E: int, k: int, T: int, space: dict, dtype: torc
     total, cfg13, cfg2, aligned = best
     check(x, w13, cache2, w2, topk_weights, aligned, cfg13, cfg2)
     print(f"T={T}: {total * 1e3:.1f} us  w13 {cfg13}  w2 {cfg2}")
+    heuristic = untuned_time(x, w13, cache2, w2, topk_weights, topk_ids, mode, device, iters)
+    print(f"T={T}: heuristics (no table) {heuristic * 1e3:.1f} us, "
+          f"{heuristic / total:.2f}x the tuned time")
     return {"w13": cfg13, "w2": cfg2}
+
+
+def untuned_time(x, w13, cache2, w2, topk_weights, topk_ids, mode: str, device: str,
+                 iters: int) -> float:
+    """Both GEMMs with the configs a shape without a table gets."""
+    T, k = topk_ids.shape
+    E, I2, H = w13.shape
+    total = 0.0
+    for a, w, gather, weights, cfg in zip(
+            (x, cache2), (w13, w2), (True, False), (None, topk_weights),
+            expert_gemm_configs_untuned(T, k, E, H, I2 // 2, x.dtype)):
+        sorted_ids, expert_ids, padded = moe_align_block_size(topk_ids, cfg["BLOCK_SIZE_M"], E)
+        out = torch.empty(T * k, w.shape[1], device=device, dtype=x.dtype)
+        total += time_fn(lambda: invoke_fused_moe_gemm(
+            a, w, out, gather_rows=gather, topk_weights=weights, config=cfg,
+            sorted_pair_ids=sorted_ids, expert_ids=expert_ids, num_pairs_post_padded=padded,
+            top_k=k), mode, device, iters)
+    return total
 
 
 def tune_lora_tokens(H: int, I: int, E: int, k: int, T: int, entry: dict, L: int, R: int,

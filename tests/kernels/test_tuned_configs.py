@@ -45,6 +45,30 @@ def test_nearest_token_count_and_heuristic_fallback(tuned_dir):
     assert tuned_configs.expert_gemm_configs(40, 2, E, H, I, torch.float32)[1]["BLOCK_SIZE_M"] == 64
 
 
+def test_wide_tiles_from_64_pairs_per_expert_where_shared_memory_holds_them(monkeypatch):
+    E, H, I, k = 8, 4096, 14336, 2
+    untuned = tuned_configs.expert_gemm_configs_untuned
+    monkeypatch.setattr(tuned_configs, "_shared_memory_bytes", lambda: 227 * 1024)
+    c13, c2 = untuned(256, k, E, H, I, torch.bfloat16)  # 64 pairs per expert
+    assert (c13["BLOCK_SIZE_M"], c13["BLOCK_SIZE_N"], c13["num_warps"], c13["num_stages"]) == \
+        (128, 256, 8, 4) and c2 == c13
+    # the LoRA epilogue keeps room in shared memory; narrow GEMMs keep narrow tiles
+    if not tuned_configs.load_table(tuned_configs.config_filename(
+            E, H, I, torch.bfloat16, tuned_configs.device_key())):
+        lora13, _ = tuned_configs.expert_gemm_configs(256, k, E, H, I, torch.bfloat16, True)
+        assert lora13 == dict(c13, num_stages=3)
+    assert untuned(256, k, E, 64, 32, torch.bfloat16)[1]["BLOCK_SIZE_N"] == 64
+    # fewer pairs, 32-bit operands or too little shared memory: the generic heuristic
+    for tokens, dtype, smem in ((255, torch.bfloat16, 227 * 1024), (256, torch.float32,
+                                227 * 1024), (256, torch.bfloat16, 100 * 1024)):
+        monkeypatch.setattr(tuned_configs, "_shared_memory_bytes", lambda smem=smem: smem)
+        assert untuned(tokens, k, E, H, I, dtype) == (
+            tuned_configs.default_config(tuned_configs.moe_block_size(tokens * k, E), 2 * I, H,
+                                         dtype),
+            tuned_configs.default_config(tuned_configs.moe_block_size(tokens * k, E), H, I,
+                                         dtype))
+
+
 def test_lora_gemm_configs_where_tuned(tuned_dir):
     E, H, I = 8, 64, 32
     write_table(tuned_dir, E, H, I, torch.float32,
