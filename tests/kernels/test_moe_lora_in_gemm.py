@@ -196,3 +196,18 @@ def test_fusion_choice():
     assert fusion_default(8192, 128, False) == "off"
     with pytest.raises(ValueError, match="unknown MoE LoRA fusion"):
         TritonPunicaWrapper(2, torch.device("cpu"), moe_lora_fusion="fused")
+
+
+def test_shrinks_by_pair_for_fewer_pairs_at_higher_ranks(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm.lora.punica_wrapper.triton_wrapper import TritonPunicaWrapper
+    monkeypatch.setenv("VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS", "256")
+
+    def by_pair(pairs, rank, combine=None):
+        ctx = SimpleNamespace(max_rank=rank, w13_shrink_combine=combine, w2_shrink_combine=None)
+        return TritonPunicaWrapper._by_pair(ctx, torch.zeros(pairs // 8, 8))
+    assert by_pair(256, 8) and by_pair(256, 16) and not by_pair(264, 16)
+    assert by_pair(64, 32) and not by_pair(72, 32)
+    assert by_pair(16, 64) and not by_pair(24, 64)
+    assert not by_pair(8, 16, combine=lambda t: t)  # fully sharded LoRA stays aligned

@@ -169,8 +169,14 @@ class TritonPunicaWrapper(PunicaWrapperBase):
 
     @staticmethod
     def _by_pair(ctx, topk_ids) -> bool:
+        # Each pair reads its factors alone, so higher ranks gain for fewer pairs.
+        # H100, 1 adapter of rank 64, Qwen3-30B-A3B / GPT-OSS-20B layers: by pair
+        # 0.84 / 0.88 retention at 1 token against 0.65 / 0.79 aligned, but
+        # 0.72 / 0.81 at 32 tokens against 0.80 / 0.93; rank 16 gains up to 256
+        # pairs (RESULTS.md, sessions 7-8).
+        limit = envs.VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS * 256 // max(ctx.max_rank, 16) ** 2
         # fully sharded LoRA (a shrink combine) stays on the aligned path
-        return (topk_ids.numel() <= envs.VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS
+        return (topk_ids.numel() <= limit
                 and ctx.w13_shrink_combine is None and ctx.w2_shrink_combine is None)
 
     def _align_and_shrink_w13(self, ctx, x, topk_ids, launch: MoELoRALaunch,
