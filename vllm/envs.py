@@ -37,8 +37,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # kernels, expand inside the GEMMs) or "off" (separate kernels).
     "VLLM_MOE_LORA_FUSION": _str("VLLM_MOE_LORA_FUSION", "auto"),
     # Up to this many routed (token, expert) pairs the MoE LoRA shrinks of the
-    # GEMM-epilogue path run one program per pair, with no slot alignment; for
-    # rank 16 and below, scaled by (16 / rank)^2 above (16 pairs at rank 64).
+    # GEMM-epilogue path run one program per pair, with no slot alignment (the
+    # bound for ranks up to 16; above, it shrinks by (16 / rank)^2).
     "VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS": lambda: int(
         os.environ.get("VLLM_MOE_LORA_SHRINK_BY_PAIR_MAX_PAIRS", "256")),
     # Directory holding tuned Triton kernel configurations (overrides the

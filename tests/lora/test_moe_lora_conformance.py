@@ -54,7 +54,7 @@ def make_case(activation, slices, device, dtype, seed=0, E=6, H=32, I=16, L=3, R
     # slot 1 holds an adapter without expert weights for this layer
     enabled = torch.tensor([1, 0, 1], dtype=torch.int32, device=device)
     slots = torch.randint(-1, L, (T,), generator=g).tolist()
-    slots[0], slots[1], slots[2] = 0, 2, -1
+    slots[:3] = [0, 2, -1][:T]
     return cfg, w, x, weights, ids, ctx_tensors, enabled, slots
 
 
@@ -199,11 +199,11 @@ def variants(cls) -> list[str]:
     return out
 
 
-def run(cls, punica_cls, activation, slices, device, dtype, tol, variant="none"):
+def run(cls, punica_cls, activation, slices, device, dtype, tol, variant="none", T=11):
     quantized = variant != "none"
     dims = dict(H=64, I=32) if quantized else {}
     cfg, w, x, weights, ids, t_ctx, enabled, slots = make_case(activation, slices, device, dtype,
-                                                               **dims)
+                                                               T=T, **dims)
     if quantized:
         w, deq, fq13, fq2, scheme = quantize_weights(variant, w, cfg)
         cfg = dataclasses.replace(cfg, quant_scheme=scheme)
@@ -266,6 +266,18 @@ def test_lora_backend_conformance_cpu(cls, variant, punica, activation, slices):
     # activation by an FP8 step; rare, and small in the relative norm
     tol = 1e-3 if variant.startswith("fp8") and variant != "fp8-w8a16" else 1e-5
     run(cls, PUNICA[punica], activation, slices, "cpu", torch.float32, tol, variant)
+
+
+# One token: the Triton classes skip the alignment kernel (one_token_alignment)
+# and the Triton wrapper shrinks by pair.
+@pytest.mark.parametrize("cls", [c for c in LORA_BACKENDS if c.__name__.startswith("Triton")],
+                         ids=lambda c: c.__name__)
+def test_one_token_conformance_cpu(cls):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter (on only without CUDA)")
+    variant = variants(cls)[0]
+    tol = 1e-3 if variant.startswith("fp8") and variant != "fp8-w8a16" else 1e-5
+    run(cls, PUNICA["triton"], MoEActivation(), 2, "cpu", torch.float32, tol, variant, T=1)
 
 
 @pytest.mark.gpu
