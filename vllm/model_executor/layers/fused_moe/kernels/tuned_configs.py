@@ -22,6 +22,7 @@ import json
 import os
 
 import torch
+import triton
 
 from vllm import envs
 from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (default_config,
@@ -88,7 +89,8 @@ def expert_gemm_configs_untuned(num_tokens: int, top_k: int, E: int, H: int, I: 
     Qwen3-30B-A3B tuning picked from 2048 tokens."""
     stages = min(4, _shared_memory_bytes() // WIDE_TILE_STAGE_BYTES)
     if num_tokens * top_k >= 64 * E and dtype.itemsize == 2 and stages >= 3:
-        return tuple({"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": max(16, min(256, next_pow2(N))),
+        return tuple({"BLOCK_SIZE_M": 128,
+                      "BLOCK_SIZE_N": max(16, min(256, triton.next_power_of_2(N))),
                       "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 8,
                       "num_stages": stages} for N in (2 * I, H))
     block = moe_block_size(num_tokens * top_k, E)
@@ -105,13 +107,8 @@ def _shared_memory_bytes() -> int:
     the limit Triton checks launches against."""
     if not torch.cuda.is_available():
         return 0
-    import triton
     return triton.runtime.driver.active.utils.get_device_properties(
         torch.cuda.current_device())["max_shared_mem"]
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def lora_gemm_configs_tuned(num_tokens: int, E: int, H: int, I: int, dtype: torch.dtype) -> bool:
