@@ -334,10 +334,26 @@ def test_argument_checks():
 
 def test_slice_tables_are_cached():
     ws = [torch.randn(2, 16, 32, device=DEVICE) for _ in range(3)]
-    table, _ = lora_ops.slice_table(ws, 1, [0, 16, 32])
+    table, _, _ = lora_ops.slice_table(ws, 1, [0, 16, 32])
     assert lora_ops.slice_table(ws, 1, [0, 16, 32])[0] is table
     assert table[:, 0].tolist() == [w.data_ptr() for w in ws]
     assert table[:, 3].tolist() == [16] * 3 and table[:, 4].tolist() == [0, 16, 32]
+
+
+def test_factor_alignment_holds_for_every_table_value():
+    """The kernels mark factor pointers, strides, N_s and offsets as multiples
+    of the table's alignment; a wrong mark misreads or faults on the GPU."""
+    buf = torch.zeros(4096, dtype=torch.bfloat16)
+    whole = buf[:2 * 3 * 16 * 32].view(2, 3, 16, 32)
+    assert lora_ops.slice_table([whole], 2, [0])[2] == 8          # 16 bytes of bf16
+    assert lora_ops.slice_table([whole.float()], 2, [0])[2] == 4
+    shifted = buf[2:2 + 2 * 3 * 16 * 32].view(2, 3, 16, 32)       # pointer 4 bytes off
+    assert lora_ops.slice_table([whole, shifted], 2, [0, 16])[2] == 2
+    assert lora_ops.slice_table([whole], 2, [12])[2] == 4          # column offset
+    assert lora_ops.slice_table([buf[:2 * 3 * 12 * 32].view(2, 3, 12, 32)], 2, [0])[2] == 4
+    rank_one = buf[:2 * 3 * 32].view(2, 3, 1, 32)                  # strides 96 and 32
+    assert lora_ops.slice_table([rank_one], None)[2] == 8
+    assert lora_ops.slice_table([buf[:2 * 5 * 33].view(2, 5, 33)], None)[2] == 1
 
 
 def test_moe_lora_skips_blocks_past_padded_length_or_of_expert_minus_one():

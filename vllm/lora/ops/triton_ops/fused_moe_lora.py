@@ -85,7 +85,7 @@ def _moe_lora_shrink_kernel(
         stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os, stride_op,
         stride_or, GATHER_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr):
+        SPLIT_K: tl.constexpr, FACTOR_ALIGN: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     s = tl.program_id(2) // SPLIT_K
@@ -103,7 +103,7 @@ def _moe_lora_shrink_kernel(
         rows = pairs // top_k
     else:
         rows = pairs
-    w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr)
+    w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr, FACTOR_ALIGN)
     acc = shrink_tile(x_ptr, w_ptr + slot * stride_wl + expert * stride_we, rows, valid, K, R,
                       split, stride_xt, stride_xk, stride_wr, stride_wk, INPUT_PRECISION,
                       BLOCK_SIZE_M, BLOCK_R, BLOCK_K, SPLIT_K)
@@ -118,12 +118,12 @@ def _moe_lora_expand_kernel(
         stride_i_part, stride_is, stride_ip, stride_ir, stride_wn, stride_wr, stride_yp,
         stride_yn, MUL_ROUTED_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLIT_K: tl.constexpr):
+        SPLIT_K: tl.constexpr, FACTOR_ALIGN: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     s = tl.program_id(2) // num_n_blocks
     n0 = (tl.program_id(2) % num_n_blocks) * BLOCK_N
-    w_ptr, stride_wl, stride_we, N, col_off = slice_meta(meta_ptr, s, w0_ptr)
+    w_ptr, stride_wl, stride_we, N, col_off = slice_meta(meta_ptr, s, w0_ptr, FACTOR_ALIGN)
     if n0 >= N:
         return
     expert = _block_expert(enabled_ptr, num_pairs_post_padded_ptr, expert_ids_ptr, slot, pid_m,
@@ -205,7 +205,8 @@ def _moe_lora_shrink_by_pair_kernel(
         x_ptr, w0_ptr, meta_ptr, out_ptr, topk_ids_ptr, slot_ptr, enabled_ptr,
         K, R, top_k, stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os,
         stride_op, stride_or, GATHER_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FACTOR_ALIGN: tl.constexpr,
+        LAUNCH_DEPENDENTS: tl.constexpr):
     if LAUNCH_DEPENDENTS:
         # the GEMM that reads the output may start now (it waits before reading)
         gdc_launch_dependents()
@@ -215,7 +216,7 @@ def _moe_lora_shrink_by_pair_kernel(
     slot, expert, routed, on = pair_slot_expert(p, topk_ids_ptr, slot_ptr, enabled_ptr, top_k)
     if not routed:
         return
-    w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr)
+    w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr, FACTOR_ALIGN)
     w_ptr += slot * stride_wl + expert * stride_we
     if GATHER_ROWS:
         row = p // top_k
@@ -246,7 +247,7 @@ def fused_moe_lora_shrink_by_pair(x: torch.Tensor, lora_a: list[torch.Tensor],
     skips the layer are not written."""
     T, k = topk_ids.shape
     S, w0 = len(lora_a), lora_a[0]
-    table, (stride_wr, stride_wk) = slice_table(lora_a)
+    table, (stride_wr, stride_wk), align = slice_table(lora_a)
     R, K = w0.shape[2:]
     if x.shape[1] != K or x.dtype != w0.dtype or \
             x.shape[0] * (k if gather_rows else 1) != T * k or token_lora_slot.numel() != T:
@@ -259,8 +260,8 @@ def fused_moe_lora_shrink_by_pair(x: torch.Tensor, lora_a: list[torch.Tensor],
         x, w0, table, parts, topk_ids.contiguous(), token_lora_slot,
         adapter_enabled, K, R, k, x.stride(0), x.stride(1), stride_wr, stride_wk,
         *parts.stride(), GATHER_ROWS=gather_rows, BLOCK_R=rank_block(R),
-        BLOCK_K=config["BLOCK_SIZE_K"], SPLIT_K=split_k, LAUNCH_DEPENDENTS=supports_pdl(x.device),
-        num_warps=config["num_warps"])
+        BLOCK_K=config["BLOCK_SIZE_K"], SPLIT_K=split_k, FACTOR_ALIGN=align,
+        LAUNCH_DEPENDENTS=supports_pdl(x.device), num_warps=config["num_warps"])
 
 
 def moe_lora_shrink_by_pair_config(K: int) -> dict[str, int]:
@@ -364,7 +365,7 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
     L, block = _check_alignment(sorted_pair_ids, expert_ids, num_pairs_post_padded,
                                 adapter_enabled, block_size_m)
     S = len(lora_a)
-    table, (stride_wr, stride_wk) = slice_table(lora_a)
+    table, (stride_wr, stride_wk), align = slice_table(lora_a)
     w0 = lora_a[0]
     if w0.dim() != 4 or w0.shape[0] < L or x.shape[1] != w0.shape[3]:
         raise ValueError(f"lora_a {tuple(w0.shape)} does not fit x {tuple(x.shape)} and "
@@ -386,7 +387,8 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
         expert_ids.stride(0), x.stride(0), x.stride(1), stride_wr, stride_wk, *parts.stride(),
         GATHER_ROWS=gather_rows, INPUT_PRECISION=input_precision(w0.dtype),
         BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
-        SPLIT_K=split_k, num_warps=config["num_warps"], num_stages=config["num_stages"])
+        SPLIT_K=split_k, FACTOR_ALIGN=align, num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
 
 
 def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
@@ -409,7 +411,7 @@ def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
     parts = shrink_parts(inter, (S, num_valid_pairs, R))
     if len(lora_b) != S:
         raise ValueError(f"inter has {S} slices but there are {len(lora_b)} factors")
-    table, (stride_wn, stride_wr) = slice_table(lora_b, 2, slice_offsets)
+    table, (stride_wn, stride_wr), align = slice_table(lora_b, 2, slice_offsets)
     w0 = lora_b[0]
     if w0.dim() != 4 or w0.shape[0] < L or w0.shape[3] != R or y.shape[0] != num_valid_pairs:
         raise ValueError(f"lora_b {tuple(w0.shape)}, inter {tuple(inter.shape)} and "
@@ -433,4 +435,4 @@ def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
         expert_ids.stride(0), *parts.stride(), stride_wn, stride_wr, y.stride(0), y.stride(1),
         MUL_ROUTED_WEIGHT=weights is not None, INPUT_PRECISION=input_precision(w0.dtype),
         BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_N=block_n, SPLIT_K=parts.shape[0],
-        num_warps=config["num_warps"])
+        FACTOR_ALIGN=align, num_warps=config["num_warps"])

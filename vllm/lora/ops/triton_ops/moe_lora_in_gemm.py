@@ -65,8 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops.lora_ops import (META_COLS, input_precision, rank_block,
-                                               shrink_parts, slice_meta, slice_table)
+from vllm.lora.ops.triton_ops.lora_ops import (input_precision, rank_block, shrink_parts,
+                                               slice_meta, slice_table)
 from vllm.triton_utils import supports_pdl
 
 # Widest side-by-side factor (L * BLOCK_R) the kernel takes: beyond it the
@@ -131,7 +131,7 @@ NO_LORA_KERNEL_ARGS: Mapping[str, Any] = MappingProxyType(dict(
     lora_rank=0, stride_lar=0, stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0,
     stride_li_s=0, stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_EARLY=False,
     LORA_PER_SLOT=False, LORA_WAIT=False, LORA_NUM_SLICES=1, LORA_SPLIT_K=1, LORA_BLOCK_L=1,
-    LORA_BLOCK_R=16, LORA_PRECISION="ieee"))
+    LORA_BLOCK_R=16, LORA_PRECISION="ieee", LORA_FACTOR_ALIGN=1))
 
 
 def lora_early_default(block_m: int) -> bool:
@@ -159,7 +159,7 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
     measured no faster on the H100)."""
     if (lora.lora_a is None) == (lora.inter is None):
         raise ValueError("give exactly one of lora_a (shrink in the GEMM) and inter")
-    b_table, (stride_bn, stride_br) = slice_table(lora.lora_b, 2, lora.slice_offsets)
+    b_table, (stride_bn, stride_br), b_align = slice_table(lora.lora_b, 2, lora.slice_offsets)
     b0 = lora.lora_b[0]
     L, R, S = lora.num_slots, lora.rank, len(lora.lora_b)
     if b0.dim() != 4 or b0.dtype != a.dtype:
@@ -184,16 +184,18 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
                 lora_num_slots=L, lora_rank=R, stride_lbn=stride_bn, stride_lbr=stride_br,
                 LORA_NUM_SLICES=S,
                 LORA_BLOCK_L=triton.next_power_of_2(L), LORA_BLOCK_R=rank_block(R),
-                LORA_PRECISION=input_precision(b0.dtype), LORA_EARLY=early)
+                LORA_PRECISION=input_precision(b0.dtype), LORA_EARLY=early,
+                LORA_FACTOR_ALIGN=b_align)
     if lora.lora_a is not None:
-        a_table, (stride_ar, stride_ak) = slice_table(lora.lora_a)
+        a_table, (stride_ar, stride_ak), a_align = slice_table(lora.lora_a)
         a0 = lora.lora_a[0]
         if len(lora.lora_a) != S or a0.shape[:3] != b0.shape[:2] + (R,) or \
                 a0.shape[3] != a.shape[1] or a0.dtype != a.dtype:
             raise ValueError(f"lora_a {tuple(a0.shape)} does not fit lora_b "
                              f"{tuple(b0.shape)} and the GEMM input {tuple(a.shape)}")
         return dict(args, lora_a0_ptr=a0, lora_a_meta_ptr=a_table, stride_lar=stride_ar,
-                    stride_lak=stride_ak, LORA_MODE=1, LORA_EARLY=True)
+                    stride_lak=stride_ak, LORA_MODE=1, LORA_EARLY=True,
+                    LORA_FACTOR_ALIGN=min(a_align, b_align))
     parts = shrink_parts(lora.inter, (S, num_valid_pairs, R))
     return dict(args, lora_inter_ptr=parts, stride_li_part=parts.stride(0),
                 stride_li_s=parts.stride(1), stride_li_p=parts.stride(2),
@@ -222,29 +224,27 @@ def lora_row_slots(slot, enabled, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def lora_slice(meta_ptr, offs_n, w0_ptr, NUM_SLICES: tl.constexpr):
+def lora_slice(meta_ptr, offs_n, w0_ptr, NUM_SLICES: tl.constexpr, ALIGN: tl.constexpr):
     """The slice the program's columns lie in, picked from every table row
     at once so that no load waits for another: -> (slice, whether there is
-    one, factor pointer, slot stride, expert stride, N_s, column offset)."""
+    one, factor pointer, slot stride, expert stride, N_s, column offset).
+    ALIGN: the table's alignment (``slice_table``)."""
     n0 = tl.min(offs_n, axis=0)
     s = tl.zeros((), dtype=tl.int32) - 1
-    addr = tl.zeros((), dtype=tl.int64)
+    ptr = w0_ptr
     stride_l = tl.zeros((), dtype=tl.int64)
     stride_e = tl.zeros((), dtype=tl.int64)
     n_s = tl.zeros((), dtype=tl.int64)
     col_off = tl.zeros((), dtype=tl.int64)
     for i in tl.static_range(NUM_SLICES):
-        row = meta_ptr + i * META_COLS
-        off_i = tl.load(row + 4)
-        n_i = tl.load(row + 3)
+        ptr_i, stride_l_i, stride_e_i, n_i, off_i = slice_meta(meta_ptr, i, w0_ptr, ALIGN)
         hit = (n0 >= off_i) & (n0 < off_i + n_i)
         s = tl.where(hit, i, s)
-        addr = tl.where(hit, tl.load(row), addr)
-        stride_l = tl.where(hit, tl.load(row + 1), stride_l)
-        stride_e = tl.where(hit, tl.load(row + 2), stride_e)
+        ptr = tl.where(hit, ptr_i, ptr)
+        stride_l = tl.where(hit, stride_l_i, stride_l)
+        stride_e = tl.where(hit, stride_e_i, stride_e)
         n_s = tl.where(hit, n_i, n_s)
         col_off = tl.where(hit, off_i, col_off)
-    ptr = addr.to(tl.pointer_type(w0_ptr.dtype.element_ty))
     return tl.maximum(s, 0), s >= 0, ptr, stride_l, stride_e, n_s, col_off
 
 
@@ -331,7 +331,7 @@ def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
                   stride_br, stride_i_part, stride_i_s, stride_i_p, stride_i_r,
                   LORA_MODE: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-                  SHRINK_ROWS: tl.constexpr):
+                  SHRINK_ROWS: tl.constexpr, FACTOR_ALIGN: tl.constexpr):
     """Everything the K loop (LORA_MODE 1) and the side-by-side epilogue
     read: -> (row slots (mode 2: before the adapter flags, see
     ``lora_side_by_side_delta``), adapter flags, factor mask, A pointer, A's
@@ -348,13 +348,13 @@ def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
     reads A every K step, so it masks by the rows' flagged slots."""
     slot, enabled = lora_slot_loads(slot_ptr, enabled_ptr, num_slots, pair, pair_mask, top_k,
                                     BLOCK_L)
-    s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(b_meta_ptr, offs_n,
-                                                                        b0_ptr, NUM_SLICES)
+    s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(
+        b_meta_ptr, offs_n, b0_ptr, NUM_SLICES, FACTOR_ALIGN)
     b_ptr += expert * stride_be
     if LORA_MODE == 1:
         row_slot = lora_row_slots(slot, enabled, BLOCK_L)
         factor_mask = lora_factor_mask(row_slot, in_slice, num_slots, R, BLOCK_L, BLOCK_R)
-        a_ptr, stride_al, stride_ae, _, _ = slice_meta(a_meta_ptr, s, a0_ptr)
+        a_ptr, stride_al, stride_ae, _, _ = slice_meta(a_meta_ptr, s, a0_ptr, FACTOR_ALIGN)
         a_ptr += expert * stride_ae
         t = tl.zeros((BLOCK_M, BLOCK_L * BLOCK_R), dtype=tl.float32)
     else:
@@ -393,7 +393,7 @@ def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr,
                            expert, pair, pair_mask, top_k, offs_n, n_mask, stride_i_part,
                            stride_i_s, stride_i_p, stride_i_r, NUM_SLICES: tl.constexpr,
                            SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
+                           BLOCK_R: tl.constexpr, FACTOR_ALIGN: tl.constexpr):
     """The per-slot epilogue's operands but the factor tiles: -> (row slots,
     factor mask (slots some row runs with), B base pointer, B's slot stride,
     B column of each output column, its mask, the block's shrink rows
@@ -403,8 +403,8 @@ def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr,
     slot = tl.load(slot_ptr + pair // top_k, mask=pair_mask, other=-1)
     on = tl.load(enabled_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
     row_slot = tl.where(on != 0, slot, -1)
-    s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(b_meta_ptr, offs_n,
-                                                                        b0_ptr, NUM_SLICES)
+    s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(
+        b_meta_ptr, offs_n, b0_ptr, NUM_SLICES, FACTOR_ALIGN)
     factor_mask = lora_factor_mask(row_slot, in_slice, num_slots, R, BLOCK_L, BLOCK_R)
     t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
                          stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)

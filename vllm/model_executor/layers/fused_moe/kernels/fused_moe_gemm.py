@@ -43,7 +43,8 @@ def _fused_moe_gemm_kernel(
         BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, LORA_MODE: tl.constexpr,
         LORA_EARLY: tl.constexpr, LORA_PER_SLOT: tl.constexpr, LORA_WAIT: tl.constexpr,
         LORA_NUM_SLICES: tl.constexpr, LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr,
-        LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr):
+        LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr,
+        LORA_FACTOR_ALIGN: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
         sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
@@ -61,7 +62,7 @@ def _fused_moe_gemm_kernel(
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
             top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
             stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
-            LORA_BLOCK_L, LORA_BLOCK_R, not LORA_WAIT)
+            LORA_BLOCK_L, LORA_BLOCK_R, not LORA_WAIT, LORA_FACTOR_ALIGN)
 
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
     # B[e] is [N, K]; reading it as a K x N tile computes a @ B[e].T.
@@ -89,7 +90,7 @@ def _fused_moe_gemm_kernel(
                 lora_slot_ptr, lora_enabled_ptr, lora_b0_ptr, lora_b_meta_ptr, lora_inter_ptr,
                 lora_num_slots, lora_rank, expert, pair, pair_mask, top_k, offs_n, n_mask,
                 stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_NUM_SLICES,
-                LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R)
+                LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R, LORA_FACTOR_ALIGN)
     elif LORA_MODE != 0 and not LORA_EARLY:
         (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc,
          lora_s) = lora_operands(
@@ -97,7 +98,7 @@ def _fused_moe_gemm_kernel(
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
             top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
             stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
-            LORA_BLOCK_L, LORA_BLOCK_R, True)
+            LORA_BLOCK_L, LORA_BLOCK_R, True, LORA_FACTOR_ALIGN)
     elif LORA_WAIT:  # early operands, the shrink rows only now that the shrink is done
         lora_acc = lora_shrink_rows(lora_inter_ptr, lora_s, pair, pair_mask, lora_rank,
                                     stride_li_part, stride_li_s, stride_li_p, stride_li_r,
