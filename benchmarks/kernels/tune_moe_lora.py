@@ -8,8 +8,9 @@ wrapper finds them (``vllm/lora/ops/triton_ops/moe_lora_configs.py``).
 For each token count (tokens spread round-robin over the adapters, random
 routing) and each candidate alignment block, every shrink config is timed
 per SPLIT_K and every expand config on a shrink output of that SPLIT_K; per
-projection the (shrink, expand) pair with the smallest sum is kept, and the
-block with the smallest total over both projections wins (CUDA-graph replay,
+projection the (shrink, expand) pair with the smallest sum is kept (the
+shrink alone with ``--shrink-only``), and the block with the smallest total
+over both projections wins (CUDA-graph replay,
 L2 flushed before each run). The chosen configs are checked against the
 torch reference before they are written; results merge into an existing
 file after each token count. Default output: the package's
@@ -63,7 +64,7 @@ def _projections(H: int, I: int, E: int, L: int, R: int, T: int, k: int, dtype, 
 
 
 def _best_pair(p: dict, aligned: tuple, enabled, k: int, block: int, space: dict, mode: str,
-               device: str, iters: int) -> tuple[float, dict, dict]:
+               device: str, iters: int, shrink_only: bool) -> tuple[float, dict, dict]:
     S, rows, R = len(p["a"]), p["y"].shape[0], p["a"][0].shape[2]
     best = None
     for split in space["split"]:
@@ -94,8 +95,9 @@ def _best_pair(p: dict, aligned: tuple, enabled, k: int, block: int, space: dict
             continue
         ts, s_cfg = min(timed_shrink, key=lambda t: t[0])
         te, e_cfg = min(timed_expand, key=lambda t: t[0])
-        if best is None or ts + te < best[0]:
-            best = (ts + te, s_cfg, e_cfg)
+        total = ts if shrink_only else ts + te
+        if best is None or total < best[0]:
+            best = (total, s_cfg, e_cfg)
     return best
 
 
@@ -117,7 +119,8 @@ def check(p: dict, aligned: tuple, groups: list, enabled, k: int, block: int, sh
 
 
 def tune_tokens(H: int, I: int, E: int, k: int, L: int, R: int, T: int, space: dict,
-                dtype: torch.dtype, device: str, iters: int, mode: str) -> dict:
+                dtype: torch.dtype, device: str, iters: int, mode: str,
+                shrink_only: bool = False) -> dict:
     g = torch.Generator().manual_seed(T)
     projections = _projections(H, I, E, L, R, T, k, dtype, device, g)
     _, topk_ids = select_experts(torch.randn(T, E, generator=g).to(device), RouterConfig(k))
@@ -126,7 +129,8 @@ def tune_tokens(H: int, I: int, E: int, k: int, L: int, R: int, T: int, space: d
     best = None
     for block in space["m"]:
         aligned = moe_lora_align_block_size(topk_ids, slots, block, E, L)
-        picks = {name: _best_pair(p, aligned, enabled, k, block, space, mode, device, iters)
+        picks = {name: _best_pair(p, aligned, enabled, k, block, space, mode, device, iters,
+                                  shrink_only)
                  for name, p in projections.items()}
         if any(v is None for v in picks.values()):
             continue
@@ -147,6 +151,9 @@ def main() -> None:
     p = tuning_arguments(__doc__, SPACES)
     p.add_argument("--adapters", type=int, default=4, help="adapter slots (--max-loras)")
     p.add_argument("--rank", type=int, default=16, help="slot rank (--max-lora-rank)")
+    p.add_argument("--shrink-only", action="store_true",
+                   help="rank by the shrinks' time alone: where the expert GEMMs add the "
+                        "expand in their epilogue, the separate expand never runs")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -157,7 +164,7 @@ def main() -> None:
         name = moe_lora_config_filename(E, H, I, R, L, dtype, device_key())
         tune_into_table(os.path.join(args.out, name), args.tokens,
                         lambda T, _: tune_tokens(H, I, E, k, L, R, T, SPACES[args.space], dtype,
-                                              device, args.iters, args.mode))
+                                              device, args.iters, args.mode, args.shrink_only))
 
 
 if __name__ == "__main__":
