@@ -81,11 +81,11 @@ def _block_pairs(sorted_pair_ids_ptr, slot, pid_m, stride_sorted, num_valid_pair
 def _moe_lora_shrink_kernel(
         x_ptr, w0_ptr, meta_ptr, out_ptr, sorted_pair_ids_ptr, expert_ids_ptr,
         num_pairs_post_padded_ptr, enabled_ptr,
-        K, R, num_valid_pairs, top_k, stride_sorted, stride_expert_ids,
+        K, R, num_valid_pairs, stride_sorted, stride_expert_ids,
         stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os, stride_op,
-        stride_or, GATHER_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, FACTOR_ALIGN: tl.constexpr):
+        stride_or, TOP_K: tl.constexpr, GATHER_ROWS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FACTOR_ALIGN: tl.constexpr):
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     s = tl.program_id(2) // SPLIT_K
@@ -100,7 +100,7 @@ def _moe_lora_shrink_kernel(
     out_ptrs = (out_ptr + split.to(tl.int64) * stride_o_part + s.to(tl.int64) * stride_os
                 + pairs[:, None] * stride_op + offs_r[None, :] * stride_or)
     if GATHER_ROWS:
-        rows = pairs // top_k
+        rows = pairs // TOP_K
     else:
         rows = pairs
     w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr, FACTOR_ALIGN)
@@ -203,8 +203,8 @@ def pair_factor_chunk(w_ptr, offs_k, k_mask, R, stride_wr, stride_wk, BLOCK_R: t
 @triton.jit
 def _moe_lora_shrink_by_pair_kernel(
         x_ptr, w0_ptr, meta_ptr, out_ptr, topk_ids_ptr, slot_ptr, enabled_ptr,
-        K, R, top_k, stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os,
-        stride_op, stride_or, GATHER_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+        K, R, stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os,
+        stride_op, stride_or, TOP_K: tl.constexpr, GATHER_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FACTOR_ALIGN: tl.constexpr,
         LAUNCH_DEPENDENTS: tl.constexpr):
     if LAUNCH_DEPENDENTS:
@@ -213,13 +213,13 @@ def _moe_lora_shrink_by_pair_kernel(
     p = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1) // SPLIT_K
     split = tl.program_id(1) % SPLIT_K
-    slot, expert, routed, on = pair_slot_expert(p, topk_ids_ptr, slot_ptr, enabled_ptr, top_k)
+    slot, expert, routed, on = pair_slot_expert(p, topk_ids_ptr, slot_ptr, enabled_ptr, TOP_K)
     if not routed:
         return
     w_ptr, stride_wl, stride_we, _, _ = slice_meta(meta_ptr, s, w0_ptr, FACTOR_ALIGN)
     w_ptr += slot * stride_wl + expert * stride_we
     if GATHER_ROWS:
-        row = p // top_k
+        row = p // TOP_K
     else:
         row = p
     offs_k = tl.arange(0, BLOCK_K)
@@ -258,8 +258,8 @@ def fused_moe_lora_shrink_by_pair(x: torch.Tensor, lora_a: list[torch.Tensor],
     split_k = config["SPLIT_K"]
     _moe_lora_shrink_by_pair_kernel[(T * k, S * split_k)](
         x, w0, table, parts, topk_ids.contiguous(), token_lora_slot,
-        adapter_enabled, K, R, k, x.stride(0), x.stride(1), stride_wr, stride_wk,
-        *parts.stride(), GATHER_ROWS=gather_rows, BLOCK_R=rank_block(R),
+        adapter_enabled, K, R, x.stride(0), x.stride(1), stride_wr, stride_wk,
+        *parts.stride(), TOP_K=k, GATHER_ROWS=gather_rows, BLOCK_R=rank_block(R),
         BLOCK_K=config["BLOCK_SIZE_K"], SPLIT_K=split_k, FACTOR_ALIGN=align,
         LAUNCH_DEPENDENTS=supports_pdl(x.device), num_warps=config["num_warps"])
 
@@ -321,7 +321,7 @@ def pair_shrink_kernel_args(lora: MoELoRAPairShrink, rows: int, K: int) -> dict[
         raise ValueError("topk_ids must be contiguous, adapter_enabled cover every slot")
     return dict(lora_w_ptr=lora.lora_a, lora_out_ptr=lora.out, lora_topk_ids_ptr=lora.topk_ids,
                 lora_slot_ptr=lora.token_lora_slot, lora_enabled_ptr=lora.adapter_enabled,
-                lora_rank=R, lora_top_k=k, stride_lwl=lora.lora_a.stride(0),
+                lora_rank=R, LORA_TOP_K=k, stride_lwl=lora.lora_a.stride(0),
                 stride_lwe=lora.lora_a.stride(1), stride_lwr=lora.lora_a.stride(2),
                 stride_lwk=lora.lora_a.stride(3), stride_lo_part=lora.out.stride(0),
                 stride_lo_p=lora.out.stride(2), LORA=True, LORA_BLOCK_R=rank_block(R))
@@ -383,9 +383,9 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
     m_blocks = _grid_blocks(expert_ids.shape[1], num_valid_pairs, w0.shape[1], block)
     _moe_lora_shrink_kernel[(m_blocks, L, S * split_k)](
         x, w0, table, parts, sorted_pair_ids, expert_ids, num_pairs_post_padded,
-        adapter_enabled, K, R, num_valid_pairs, top_k, sorted_pair_ids.stride(0),
+        adapter_enabled, K, R, num_valid_pairs, sorted_pair_ids.stride(0),
         expert_ids.stride(0), x.stride(0), x.stride(1), stride_wr, stride_wk, *parts.stride(),
-        GATHER_ROWS=gather_rows, INPUT_PRECISION=input_precision(w0.dtype),
+        TOP_K=top_k, GATHER_ROWS=gather_rows, INPUT_PRECISION=input_precision(w0.dtype),
         BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
         SPLIT_K=split_k, FACTOR_ALIGN=align, num_warps=config["num_warps"],
         num_stages=config["num_stages"])

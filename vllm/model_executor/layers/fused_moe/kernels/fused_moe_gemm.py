@@ -32,22 +32,23 @@ from vllm.model_executor.layers.fused_moe.kernels.moe_tile import moe_tile, moe_
 def _fused_moe_gemm_kernel(
         a_ptr, b_ptr, c_ptr, bias_ptr, topk_weights_ptr,
         sorted_pair_ids_ptr, expert_ids_ptr, num_pairs_post_padded_ptr,
-        N, K, num_valid_pairs, num_padded_pairs, top_k,
+        N, K, num_valid_pairs, num_padded_pairs,
         stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
         stride_bias_e, stride_bias_n,
         lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
         lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, stride_lar, stride_lak,
         stride_lbn, stride_lbr, stride_li_part, stride_li_s, stride_li_p, stride_li_r,
-        GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
-        BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, LORA_MODE: tl.constexpr,
+        TOP_K: tl.constexpr, GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        MUL_ROUTED_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+        GROUP_SIZE_M: tl.constexpr, LORA_MODE: tl.constexpr,
         LORA_EARLY: tl.constexpr, LORA_PER_SLOT: tl.constexpr, LORA_WAIT: tl.constexpr,
         LORA_NUM_SLICES: tl.constexpr, LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr,
         LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr,
         LORA_FACTOR_ALIGN: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
-        sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
+        sorted_pair_ids_ptr, num_valid_pairs, TOP_K, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
         GROUP_SIZE_M)
     if not active:
         if LORA_WAIT:
@@ -60,7 +61,7 @@ def _fused_moe_gemm_kernel(
          lora_s) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
-            top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
+            TOP_K, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
             stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
             LORA_BLOCK_L, LORA_BLOCK_R, not LORA_WAIT, LORA_FACTOR_ALIGN)
 
@@ -88,7 +89,7 @@ def _fused_moe_gemm_kernel(
         row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n, lora_n_ok, lora_t = \
             lora_per_slot_operands(
                 lora_slot_ptr, lora_enabled_ptr, lora_b0_ptr, lora_b_meta_ptr, lora_inter_ptr,
-                lora_num_slots, lora_rank, expert, pair, pair_mask, top_k, offs_n, n_mask,
+                lora_num_slots, lora_rank, expert, pair, pair_mask, TOP_K, offs_n, n_mask,
                 stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_NUM_SLICES,
                 LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R, LORA_FACTOR_ALIGN)
     elif LORA_MODE != 0 and not LORA_EARLY:
@@ -96,7 +97,7 @@ def _fused_moe_gemm_kernel(
          lora_s) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
             lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
-            top_k, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
+            TOP_K, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
             stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
             LORA_BLOCK_L, LORA_BLOCK_R, True, LORA_FACTOR_ALIGN)
     elif LORA_WAIT:  # early operands, the shrink rows only now that the shrink is done
@@ -197,10 +198,10 @@ def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     grid = (triton.cdiv(num_padded, block_m) * triton.cdiv(N, block_n),)
     _fused_moe_gemm_kernel[grid](
         a, b, c, bias, weights, sorted_pair_ids, expert_ids, num_pairs_post_padded,
-        N, K, num_valid_pairs, num_padded, top_k,
+        N, K, num_valid_pairs, num_padded,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-        **lora_args, GATHER_ROWS=gather_rows, HAS_BIAS=bias is not None,
+        **lora_args, TOP_K=top_k, GATHER_ROWS=gather_rows, HAS_BIAS=bias is not None,
         MUL_ROUTED_WEIGHT=topk_weights is not None,
         # fp32 must not silently drop to tf32; 16-bit inputs ignore this.
         INPUT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",

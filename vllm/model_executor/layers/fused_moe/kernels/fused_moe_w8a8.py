@@ -27,17 +27,17 @@ from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (
 def _fused_moe_w8a8_kernel(
         a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, bias_ptr, topk_weights_ptr,
         sorted_pair_ids_ptr, expert_ids_ptr, num_pairs_post_padded_ptr,
-        N, K, num_valid_pairs, num_padded_pairs, top_k, group_k,
+        N, K, num_valid_pairs, num_padded_pairs, group_k,
         stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
         stride_bias_e, stride_bias_n, stride_asm, stride_ask, stride_bse, stride_bsn,
         stride_bsk,
-        GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
-        PER_ROW_A_SCALE: tl.constexpr, BLOCK_SCALES: tl.constexpr,
+        TOP_K: tl.constexpr, GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        MUL_ROUTED_WEIGHT: tl.constexpr, PER_ROW_A_SCALE: tl.constexpr, BLOCK_SCALES: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
         BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
-        sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
+        sorted_pair_ids_ptr, num_valid_pairs, TOP_K, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
         GROUP_SIZE_M)
     if not active:
         return
@@ -119,13 +119,12 @@ def invoke_fused_moe_w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.
     grid = (triton.cdiv(sorted_pair_ids.numel(), block_m) * triton.cdiv(N, config["BLOCK_SIZE_N"]),)
     _fused_moe_w8a8_kernel[grid](
         a, a_scale2, b, b_scale, c, bias, weights, sorted_pair_ids, expert_ids,
-        num_pairs_post_padded, N, K, num_valid_pairs, sorted_pair_ids.numel(), top_k,
-        group_k or K,
+        num_pairs_post_padded, N, K, num_valid_pairs, sorted_pair_ids.numel(), group_k or K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         *bias_strides, a_scale2.stride(0) if per_row else 0,
         a_scale2.stride(1) if per_row and a_scale2.dim() > 1 else 0,
         bs[0], bs[1], bs[2] if len(bs) > 2 else 0,
-        GATHER_ROWS=gather_rows, HAS_BIAS=bias is not None,
+        TOP_K=top_k, GATHER_ROWS=gather_rows, HAS_BIAS=bias is not None,
         MUL_ROUTED_WEIGHT=topk_weights is not None, PER_ROW_A_SCALE=per_row,
         BLOCK_SCALES=group_k is not None,
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",

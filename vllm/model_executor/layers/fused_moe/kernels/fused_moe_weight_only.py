@@ -59,16 +59,16 @@ def _e8m0_to_f32(byte):
 def _fused_moe_weight_only_kernel(
         a_ptr, b_ptr, s_ptr, cs_ptr, c_ptr, bias_ptr, topk_weights_ptr,
         sorted_pair_ids_ptr, expert_ids_ptr, num_pairs_post_padded_ptr,
-        N, K, num_valid_pairs, num_padded_pairs, top_k, group_size,
+        N, K, num_valid_pairs, num_padded_pairs, group_size,
         stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_sk,
         stride_cse, stride_csn, stride_cm, stride_cn, stride_bias_e, stride_bias_n,
-        WEIGHT_FORMAT: tl.constexpr, GATHER_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_CHANNEL_SCALE: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+        TOP_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, GATHER_ROWS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
         BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, SCALE_ROWS: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
-        sorted_pair_ids_ptr, num_valid_pairs, top_k, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
+        sorted_pair_ids_ptr, num_valid_pairs, TOP_K, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
         GROUP_SIZE_M)
     if not active:
         return
@@ -173,12 +173,11 @@ def invoke_fused_moe_weight_only_gemm(a: torch.Tensor, b: torch.Tensor, scale: t
     grid = (triton.cdiv(sorted_pair_ids.numel(), block_m) * triton.cdiv(N, config["BLOCK_SIZE_N"]),)
     _fused_moe_weight_only_kernel[grid](
         a, b, scale, channel_scale, c, bias, weights, sorted_pair_ids, expert_ids,
-        num_pairs_post_padded, N, K, num_valid_pairs, sorted_pair_ids.numel(), top_k,
-        group_size,
+        num_pairs_post_padded, N, K, num_valid_pairs, sorted_pair_ids.numel(), group_size,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2), *cs_strides,
         c.stride(0), c.stride(1), *bias_strides,
-        WEIGHT_FORMAT=WEIGHT_FORMATS[weight_format], GATHER_ROWS=gather_rows,
+        TOP_K=top_k, WEIGHT_FORMAT=WEIGHT_FORMATS[weight_format], GATHER_ROWS=gather_rows,
         HAS_BIAS=bias is not None, HAS_CHANNEL_SCALE=channel_scale is not None,
         MUL_ROUTED_WEIGHT=topk_weights is not None,
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",

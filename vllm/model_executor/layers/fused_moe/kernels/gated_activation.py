@@ -28,17 +28,17 @@ KINDS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "swigluoai")
 @triton.jit
 def _gated_activation_kernel(x_ptr, out_ptr, N, stride_xm, stride_om, alpha, limit,
                              lora_w_ptr, lora_out_ptr, lora_topk_ids_ptr, lora_slot_ptr,
-                             lora_enabled_ptr, lora_rank, lora_top_k, stride_lwl, stride_lwe,
+                             lora_enabled_ptr, lora_rank, stride_lwl, stride_lwe,
                              stride_lwr, stride_lwk, stride_lo_part, stride_lo_p,
                              KIND: tl.constexpr, INTERLEAVED: tl.constexpr,
                              HAS_LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, LORA: tl.constexpr,
-                             LORA_BLOCK_R: tl.constexpr):
+                             LORA_TOP_K: tl.constexpr, LORA_BLOCK_R: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
     if LORA:  # row is a pair; its factor chunk first, to overlap the loads below
         slot, expert, routed, on = pair_slot_expert(row, lora_topk_ids_ptr, lora_slot_ptr,
-                                                    lora_enabled_ptr, lora_top_k)
+                                                    lora_enabled_ptr, LORA_TOP_K)
         w = pair_factor_chunk(lora_w_ptr + slot * stride_lwl + expert * stride_lwe, cols,
                               mask & routed, lora_rank, stride_lwr, stride_lwk, LORA_BLOCK_R)
     x_row = x_ptr + row * stride_xm
@@ -72,7 +72,7 @@ def _gated_activation_kernel(x_ptr, out_ptr, N, stride_xm, stride_om, alpha, lim
 
 NO_LORA_KERNEL_ARGS = dict(
     lora_w_ptr=None, lora_out_ptr=None, lora_topk_ids_ptr=None, lora_slot_ptr=None,
-    lora_enabled_ptr=None, lora_rank=0, lora_top_k=0, stride_lwl=0, stride_lwe=0, stride_lwr=0,
+    lora_enabled_ptr=None, lora_rank=0, LORA_TOP_K=1, stride_lwl=0, stride_lwe=0, stride_lwr=0,
     stride_lwk=0, stride_lo_part=0, stride_lo_p=0, LORA=False, LORA_BLOCK_R=16)
 
 

@@ -5,7 +5,10 @@ Grids cover the static worst case (so CUDA graphs can capture them): a
 program whose block lies past the real padded length, or belongs to an
 expert of another rank (id -1), is inactive and must return at once.
 Output rows are indexed by (token, expert) pair; GEMM 1 gathers its input
-row ``pair // top_k`` (the token), GEMM 2 reads row ``pair``.
+row ``pair // top_k`` (the token), GEMM 2 reads row ``pair``. The kernels
+take top_k as a constexpr: a 64-bit division by a runtime value is a
+branchy software routine per row (600 -> 456 instructions in a decode-size
+GEMM on the H100), on the path to the first activation load.
 """
 import triton
 import triton.language as tl
