@@ -245,9 +245,9 @@ def factor_alignment(weights: list[torch.Tensor], slice_offsets: list[int],
     value of the slice table is a multiple of: data pointers (in elements),
     slot and expert strides, N_s and column offsets."""
     size = weights[0].element_size()
-    values = [w.data_ptr() // size for w in weights] + list(slice_offsets)
     if any(w.data_ptr() % size for w in weights):
         return 1
+    values = [w.data_ptr() // size for w in weights] + list(slice_offsets)
     for w in weights:
         values += w.stride()[:w.dim() - 2]
         if n_dim is not None:
