@@ -38,9 +38,10 @@ FUSION_CHOICES = ("auto", "gemm", "epilogue", "off")
 # Up to this many pairs the w13 GEMM starts while the by-pair shrink runs
 # (``MoELoRAGemmFusion.inter_in_flight``) and reads the shrink rows after
 # its K loop. H100, Qwen3-30B-A3B and GPT-OSS-20B layers, 4 x r16: ~2 us
-# gained at one token; at 8 and 32 tokens, where the GEMM's programs run in
-# several waves, each wave's late read cost more (+2-5 us).
-SHRINK_OVERLAP_MAX_PAIRS = 16
+# gained at one token, 1-5 us at 8-16 tokens and none lost at 32 since the
+# shrink loads its factors as vectors (before that, from 8 tokens the late
+# read of the shrink rows by each wave of GEMM programs cost 2-5 us).
+SHRINK_OVERLAP_MAX_PAIRS = 256
 
 
 @dataclass
