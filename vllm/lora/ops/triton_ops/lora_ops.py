@@ -205,8 +205,22 @@ def _lora_expand_kernel(
 # Never evicted: a captured CUDA graph keeps reading the table at its address.
 # Entries are a few bytes per set of weight buffers, which live for the run.
 @functools.lru_cache(maxsize=None)
-def _cached_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+def _cached_table(rows: tuple[tuple[int, ...], ...], element_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, int]:
+    return torch.tensor(rows, dtype=torch.int64, device=device), table_alignment(rows,
+                                                                                element_size)
+
+
+def table_alignment(rows: tuple[tuple[int, ...], ...], element_size: int) -> int:
+    """The most elements (a power of two, at most 16 bytes' worth) that every
+    value of a slice table's ``rows`` is a multiple of: data pointers (bytes,
+    so ``element_size`` times that), slot and expert strides, N_s and column
+    offsets."""
+    align = max(1, 16 // element_size)
+    while align > 1 and any(row[0] % (align * element_size) or any(v % align for v in row[1:])
+                            for row in rows):
+        align //= 2
+    return align
 
 
 def slice_table(weights: list[torch.Tensor], n_dim: int | None = None,
@@ -214,7 +228,7 @@ def slice_table(weights: list[torch.Tensor], n_dim: int | None = None,
                 ) -> tuple[torch.Tensor, tuple[int, int], int]:
     """The per-slice table the kernels read (see the module docstring), the
     strides of the last two dims, which every slice must share, and the
-    factors' alignment (``factor_alignment``, the kernels' FACTOR_ALIGN).
+    table's alignment (``table_alignment``, the kernels' FACTOR_ALIGN).
 
     ``weights`` are ``[L, ..., d0, d1]``; ``n_dim`` names the dim holding N_s
     (expand); a 4-dim weight's dim 1 is the expert."""
@@ -236,26 +250,8 @@ def slice_table(weights: list[torch.Tensor], n_dim: int | None = None,
     rows = tuple((w.data_ptr(), w.stride(0), w.stride(1) if w.dim() == 4 else 0,
                   w.shape[n_dim] if n_dim is not None else 0, int(off))
                  for w, off in zip(weights, offsets))
-    return _cached_table(rows, w0.device), inner, factor_alignment(weights, offsets, n_dim)
-
-
-def factor_alignment(weights: list[torch.Tensor], slice_offsets: list[int],
-                     n_dim: int | None) -> int:
-    """The most elements (a power of two, at most 16 bytes' worth) that every
-    value of the slice table is a multiple of: data pointers (in elements),
-    slot and expert strides, N_s and column offsets."""
-    size = weights[0].element_size()
-    if any(w.data_ptr() % size for w in weights):
-        return 1
-    values = [w.data_ptr() // size for w in weights] + list(slice_offsets)
-    for w in weights:
-        values += w.stride()[:w.dim() - 2]
-        if n_dim is not None:
-            values.append(w.shape[n_dim])
-    align = max(1, 16 // size)
-    while any(v % align for v in values):
-        align //= 2
-    return align
+    table, align = _cached_table(rows, w0.element_size(), w0.device)
+    return table, inner, align
 
 
 def input_precision(dtype: torch.dtype) -> str:
