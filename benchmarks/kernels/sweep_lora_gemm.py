@@ -1,7 +1,8 @@
 """One expert GEMM of a Qwen3-30B-A3B layer alone (GPU), without LoRA and
 with LoRA inside it (``moe_lora_in_gemm``): in-loop shrink ("gemm"), and the
 shrink output read in the epilogue before the K loop ("epi-early"), after
-it ("epi-late"), or after it one dot per slot ("epi-slots"). Each is
+it ("epi-late"), or one dot per slot after it, its operands read after
+("epi-slots") or before the loop ("epi-slots-e"). Each is
 timed with the base GEMM's tuned config and with the best of a small
 sweep, which tells whether a LoRA placement is slow in itself or only with
 the base's launch parameters.
@@ -67,7 +68,7 @@ def main() -> None:
             epi = MoELoRAGemmFusion(slots, enabled, fb, offs, k, inter=inter)
             variants = {"base": (None, False, False), "gemm": (gemm, True, False),
                         "epi-early": (epi, True, False), "epi-late": (epi, False, False),
-                        "epi-slots": (epi, False, True)}
+                        "epi-slots": (epi, False, True), "epi-slots-e": (epi, True, True)}
             for vname, (lora, early, per_slot) in variants.items():
                 def run(c, lora=lora, a=a, w=w, out=out, gather=gather, weights=weights,
                         aligned=aligned):

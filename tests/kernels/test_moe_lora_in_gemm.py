@@ -52,7 +52,8 @@ def make_case(case, dtype, gather_rows, gen):
 @pytest.mark.parametrize("shrink_in_gemm,early,per_slot", [(True, True, False),
                                                            (False, True, False),
                                                            (False, False, False),
-                                                           (False, False, True)])
+                                                           (False, False, True),
+                                                           (False, True, True)])
 def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shrink_in_gemm,
                                     early, per_slot):
     T, k = case[0], case[1]
@@ -107,7 +108,8 @@ needs_pdl = pytest.mark.skipif(
 
 @pytest.mark.gpu
 @needs_pdl
-@pytest.mark.parametrize("early,per_slot", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("early,per_slot", [(True, False), (False, False), (False, True),
+                                            (True, True)])
 def test_gemm_overlapping_the_shrink_by_pair(early, per_slot):
     """The GEMM launched while the by-pair shrink still runs waits for it:
     the shrink output starts as NaN, a read before the shrink is done shows

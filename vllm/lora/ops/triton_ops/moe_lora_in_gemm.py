@@ -200,7 +200,7 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
     return dict(args, lora_inter_ptr=parts, stride_li_part=parts.stride(0),
                 stride_li_s=parts.stride(1), stride_li_p=parts.stride(2),
                 stride_li_r=parts.stride(3), LORA_MODE=2, LORA_SPLIT_K=parts.shape[0],
-                LORA_PER_SLOT=per_slot, LORA_EARLY=early and not per_slot,
+                LORA_PER_SLOT=per_slot, LORA_EARLY=early,
                 LORA_WAIT=lora.inter_in_flight)
 
 
@@ -224,11 +224,33 @@ def lora_row_slots(slot, enabled, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
+def bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def lora_slot_bits(slot, enabled, BLOCK_L: tl.constexpr):
+    """``lora_row_slots`` with bit sets: -> (each row's slot, -1 without an
+    adapter or when its adapter skips the layer; the slots some row runs
+    with, bit l for slot l). Two reductions over vectors, where the
+    [BLOCK_M, BLOCK_L] form needs another to ask about each slot."""
+    enabled_bits = tl.reduce(tl.where(enabled, 1 << tl.arange(0, BLOCK_L), 0), 0, bit_or)
+    row_on = (slot >= 0) & (((enabled_bits >> tl.maximum(slot, 0)) & 1) != 0)
+    slot_bits = tl.reduce(tl.where(row_on, 1 << tl.maximum(slot, 0), 0), 0, bit_or)
+    return tl.where(row_on, slot, -1), slot_bits
+
+
+@triton.jit
 def lora_slice(meta_ptr, offs_n, w0_ptr, NUM_SLICES: tl.constexpr, ALIGN: tl.constexpr):
     """The slice the program's columns lie in, picked from every table row
     at once so that no load waits for another: -> (slice, whether there is
     one, factor pointer, slot stride, expert stride, N_s, column offset).
     ALIGN: the table's alignment (``slice_table``)."""
+    # every row is loaded before the reduction for n0, whose barrier would
+    # otherwise hold the loads back
+    rows = ()
+    for i in tl.static_range(NUM_SLICES):
+        rows = rows + (slice_meta(meta_ptr, i, w0_ptr, ALIGN),)
     n0 = tl.min(offs_n, axis=0)
     s = tl.zeros((), dtype=tl.int32) - 1
     ptr = w0_ptr
@@ -237,7 +259,7 @@ def lora_slice(meta_ptr, offs_n, w0_ptr, NUM_SLICES: tl.constexpr, ALIGN: tl.con
     n_s = tl.zeros((), dtype=tl.int64)
     col_off = tl.zeros((), dtype=tl.int64)
     for i in tl.static_range(NUM_SLICES):
-        ptr_i, stride_l_i, stride_e_i, n_i, off_i = slice_meta(meta_ptr, i, w0_ptr, ALIGN)
+        ptr_i, stride_l_i, stride_e_i, n_i, off_i = rows[i]
         hit = (n0 >= off_i) & (n0 < off_i + n_i)
         s = tl.where(hit, i, s)
         ptr = tl.where(hit, ptr_i, ptr)
@@ -393,46 +415,52 @@ def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr,
                            expert, pair, pair_mask, top_k, offs_n, n_mask, stride_i_part,
                            stride_i_s, stride_i_p, stride_i_r, NUM_SLICES: tl.constexpr,
                            SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-                           BLOCK_R: tl.constexpr, FACTOR_ALIGN: tl.constexpr):
+                           BLOCK_R: tl.constexpr, SHRINK_ROWS: tl.constexpr,
+                           FACTOR_ALIGN: tl.constexpr):
     """The per-slot epilogue's operands but the factor tiles: -> (row slots,
-    factor mask (slots some row runs with), B base pointer, B's slot stride,
-    B column of each output column, its mask, the block's shrink rows
-    [BLOCK_M, BLOCK_R] in the factors' dtype)."""
-    # loaded after the loop: a gather per row, no [BLOCK_M, BLOCK_L] tile beside
-    # the wide accumulator
-    slot = tl.load(slot_ptr + pair // top_k, mask=pair_mask, other=-1)
-    on = tl.load(enabled_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
-    row_slot = tl.where(on != 0, slot, -1)
+    the slots some row runs with as bits (none outside a slice), B base
+    pointer, B's slot stride, B column of each output column, its mask, the
+    column block's slice, the block's shrink rows [BLOCK_M, BLOCK_R] in the
+    factors' dtype (zeros without SHRINK_ROWS: the caller loads them once
+    the shrink is done)). Every load is issued before the first reduction,
+    so the factor tiles wait for one round trip."""
+    slot, enabled = lora_slot_loads(slot_ptr, enabled_ptr, num_slots, pair, pair_mask, top_k,
+                                    BLOCK_L)
     s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(
         b_meta_ptr, offs_n, b0_ptr, NUM_SLICES, FACTOR_ALIGN)
-    factor_mask = lora_factor_mask(row_slot, in_slice, num_slots, R, BLOCK_L, BLOCK_R)
-    t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
-                         stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
+    if SHRINK_ROWS:
+        t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
+                             stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
+    else:
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    row_slot, slot_bits = lora_slot_bits(slot, enabled, BLOCK_L)
     n_in = offs_n - col_off
     n_ok = n_mask & (n_in >= 0) & (n_in < n_s)
     # rounded to the factors' dtype, as the separate expand does
-    return (row_slot, factor_mask, b_ptr + expert * stride_be, stride_bl, n_in, n_ok,
-            t.to(b0_ptr.dtype.element_ty))
+    return (row_slot, tl.where(in_slice, slot_bits, 0), b_ptr + expert * stride_be, stride_bl,
+            n_in, n_ok, s, t.to(b0_ptr.dtype.element_ty))
 
 
 @triton.jit
-def lora_add_per_slot(acc, row_slot, factor_mask, b_ptr, stride_bl, n_in, n_ok, t, R,
+def lora_add_per_slot(acc, row_slot, slot_bits, b_ptr, stride_bl, n_in, n_ok, t, R,
                       stride_bn, stride_br, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
                       PRECISION: tl.constexpr):
     """``acc`` plus the block's deltas, one rank-R dot per slot (the
     wide-tile form: the side-by-side ``[L*R, BLOCK_N]`` factor tile and its
     pointers would not fit in registers beside a 128 x 256 accumulator).
-    Tiles of slots no row runs with load nothing (masked, no branch, so
-    the loads of all slots can be in flight together)."""
+    Every slot's tile is loaded before the first dot, so the loads are in
+    flight together (each dot stages its tile in shared memory, which would
+    otherwise hold the next load back); tiles of slots no row runs with
+    load nothing."""
     offs_r = tl.arange(0, BLOCK_R)
-    offs_l = tl.arange(0, BLOCK_L)
+    tiles = ()
     for slot in tl.static_range(BLOCK_L):
-        # factor_mask row ``slot``: some row runs it and the columns are in a slice
-        on = tl.max(tl.where((offs_l == slot)[:, None] & factor_mask, 1, 0)) > 0
-        b = tl.load(b_ptr + slot * stride_bl + offs_r[:, None] * stride_br
-                    + n_in[None, :] * stride_bn,
-                    mask=((offs_r < R)[:, None] & n_ok[None, :]) & on, other=0.0)
-        acc = tl.dot(tl.where((row_slot == slot)[:, None], t, 0.0).to(b.dtype), b, acc,
+        on = ((slot_bits >> slot) & 1) != 0
+        tiles = tiles + (tl.load(b_ptr + slot * stride_bl + offs_r[:, None] * stride_br
+                                 + n_in[None, :] * stride_bn,
+                                 mask=((offs_r < R)[:, None] & n_ok[None, :]) & on, other=0.0),)
+    for slot in tl.static_range(BLOCK_L):
+        acc = tl.dot(tl.where((row_slot == slot)[:, None], t, 0.0), tiles[slot], acc,
                      input_precision=PRECISION)
     return acc
 

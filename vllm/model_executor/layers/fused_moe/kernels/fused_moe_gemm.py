@@ -56,7 +56,15 @@ def _fused_moe_gemm_kernel(
         return
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     # LoRA: see vllm/lora/ops/triton_ops/moe_lora_in_gemm.py
-    if LORA_MODE != 0 and LORA_EARLY:
+    if LORA_PER_SLOT and LORA_EARLY:
+        row_slot, lora_bits, lora_b_ptr, stride_lbl, lora_n, lora_n_ok, lora_s, lora_t = \
+            lora_per_slot_operands(
+                lora_slot_ptr, lora_enabled_ptr, lora_b0_ptr, lora_b_meta_ptr, lora_inter_ptr,
+                lora_num_slots, lora_rank, expert, pair, pair_mask, TOP_K, offs_n, n_mask,
+                stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_NUM_SLICES,
+                LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R, not LORA_WAIT,
+                LORA_FACTOR_ALIGN)
+    elif LORA_MODE != 0 and LORA_EARLY:
         (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc,
          lora_s) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
@@ -85,27 +93,34 @@ def _fused_moe_gemm_kernel(
 
     if LORA_WAIT:
         gdc_wait()
-    if LORA_PER_SLOT:
-        row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n, lora_n_ok, lora_t = \
-            lora_per_slot_operands(
-                lora_slot_ptr, lora_enabled_ptr, lora_b0_ptr, lora_b_meta_ptr, lora_inter_ptr,
-                lora_num_slots, lora_rank, expert, pair, pair_mask, TOP_K, offs_n, n_mask,
-                stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_NUM_SLICES,
-                LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R, LORA_FACTOR_ALIGN)
-    elif LORA_MODE != 0 and not LORA_EARLY:
-        (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc,
-         lora_s) = lora_operands(
-            lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
-            lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask,
-            TOP_K, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
-            stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
-            LORA_BLOCK_L, LORA_BLOCK_R, True, LORA_FACTOR_ALIGN)
+    if LORA_MODE != 0 and not LORA_EARLY:
+        if LORA_PER_SLOT:
+            row_slot, lora_bits, lora_b_ptr, stride_lbl, lora_n, lora_n_ok, lora_s, lora_t = \
+                lora_per_slot_operands(
+                    lora_slot_ptr, lora_enabled_ptr, lora_b0_ptr, lora_b_meta_ptr,
+                    lora_inter_ptr, lora_num_slots, lora_rank, expert, pair, pair_mask, TOP_K,
+                    offs_n, n_mask, stride_li_part, stride_li_s, stride_li_p, stride_li_r,
+                    LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R,
+                    True, LORA_FACTOR_ALIGN)
+        else:
+            (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc,
+             lora_s) = lora_operands(
+                lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
+                lora_b_meta_ptr, lora_inter_ptr, lora_num_slots, lora_rank, expert, pair,
+                pair_mask, TOP_K, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part,
+                stride_li_s, stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES,
+                LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R, True,
+                LORA_FACTOR_ALIGN)
     elif LORA_WAIT:  # early operands, the shrink rows only now that the shrink is done
-        lora_acc = lora_shrink_rows(lora_inter_ptr, lora_s, pair, pair_mask, lora_rank,
-                                    stride_li_part, stride_li_s, stride_li_p, stride_li_r,
-                                    LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_R)
+        lora_rows = lora_shrink_rows(lora_inter_ptr, lora_s, pair, pair_mask, lora_rank,
+                                     stride_li_part, stride_li_s, stride_li_p, stride_li_r,
+                                     LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_R)
+        if LORA_PER_SLOT:
+            lora_t = lora_rows.to(lora_b0_ptr.dtype.element_ty)
+        else:
+            lora_acc = lora_rows
     if LORA_PER_SLOT:
-        acc = lora_add_per_slot(acc, row_slot, lora_mask, lora_b_ptr, stride_lbl, lora_n,
+        acc = lora_add_per_slot(acc, row_slot, lora_bits, lora_b_ptr, stride_lbl, lora_n,
                                 lora_n_ok, lora_t, lora_rank, stride_lbn, stride_lbr,
                                 LORA_BLOCK_L, LORA_BLOCK_R, LORA_PRECISION)
     elif LORA_MODE != 0:
