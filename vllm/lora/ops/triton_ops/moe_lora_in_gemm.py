@@ -136,7 +136,8 @@ NO_LORA_KERNEL_ARGS: Mapping[str, Any] = MappingProxyType(dict(
 
 def lora_early_default(block_m: int) -> bool:
     """Early measured faster (or equal) at blocks of 16 and 64 rows on the
-    H100; the widest blocks keep the loop's registers free."""
+    H100; the widest blocks keep the loop's registers free (per slot, early
+    at 128-row blocks: Qwen3-30B-A3B layer at 2048 tokens 0.736 -> 0.790 ms)."""
     return block_m <= 64
 
 
@@ -154,9 +155,9 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
     """The LoRA arguments of ``_fused_moe_gemm_kernel`` (LORA_MODE 1: shrink
     in the K loop, 2: shrink output read in the epilogue), after checking
     that the factors fit the GEMM's input ``a`` and N output columns.
-    ``early``: LORA_EARLY (always with the shrink in the loop); ``per_slot``:
-    LORA_PER_SLOT (epilogue only, operands loaded after the loop: before it
-    measured no faster on the H100)."""
+    ``early``: LORA_EARLY (always with the shrink in the loop; with
+    ``per_slot`` every operand but the factor tiles); ``per_slot``:
+    LORA_PER_SLOT (epilogue only)."""
     if (lora.lora_a is None) == (lora.inter is None):
         raise ValueError("give exactly one of lora_a (shrink in the GEMM) and inter")
     b_table, (stride_bn, stride_br), b_align = slice_table(lora.lora_b, 2, lora.slice_offsets)
