@@ -201,8 +201,7 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
     return dict(args, lora_inter_ptr=parts, stride_li_part=parts.stride(0),
                 stride_li_s=parts.stride(1), stride_li_p=parts.stride(2),
                 stride_li_r=parts.stride(3), LORA_MODE=2, LORA_SPLIT_K=parts.shape[0],
-                LORA_PER_SLOT=per_slot, LORA_EARLY=early,
-                LORA_WAIT=lora.inter_in_flight)
+                LORA_PER_SLOT=per_slot, LORA_WAIT=lora.inter_in_flight)
 
 
 @triton.jit
