@@ -34,7 +34,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "VLLM_MOE_OPS_IMPL": _str("VLLM_MOE_OPS_IMPL", "auto"),
     # Where the Triton experts compute MoE LoRA: "auto" (per step size),
     # "gemm" (shrink and expand inside the expert GEMMs), "epilogue" (shrink
-    # kernels, expand inside the GEMMs) or "off" (separate kernels).
+    # kernels, expand in the GEMMs' epilogue), "loop" (shrink kernels, expand
+    # as extra K steps of the GEMMs) or "off" (separate kernels).
     "VLLM_MOE_LORA_FUSION": _str("VLLM_MOE_LORA_FUSION", "auto"),
     # Up to this many routed (token, expert) pairs the MoE LoRA shrinks of the
     # GEMM-epilogue path run one program per pair, with no slot alignment (the

@@ -6,7 +6,7 @@ bytes ceiling on retention — measured side by side in one run.
     python benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --tokens 1 8 32 \
         --adapters 4 --ranks 16 --mode graph
     python benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 \
-        --ranks 16 --mode graph --fusion gemm epilogue off    # where LoRA is computed
+        --ranks 16 --mode graph --fusion gemm epilogue loop off    # where LoRA is computed
     python benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3-30b-a3b --adapters 4 \
         --ranks 16 --mode eager --profile 8                   # device time per kernel
     python benchmarks/kernels/benchmark_moe_lora.py --shapes tiny --backend torch   # CPU
@@ -239,7 +239,7 @@ def main() -> None:
     p.add_argument("--quant", default="none", choices=QUANT_SCHEMES,
                    help="expert weight format (LoRA factors stay in --dtype)")
     p.add_argument("--fusion", nargs="+", default=["auto"],
-                   choices=["auto", "gemm", "epilogue", "off"],
+                   choices=["auto", "gemm", "epilogue", "loop", "off"],
                    help="where the Triton experts compute LoRA (VLLM_MOE_LORA_FUSION); "
                         "several values are timed side by side")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",

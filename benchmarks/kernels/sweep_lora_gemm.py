@@ -1,8 +1,9 @@
 """One expert GEMM of a Qwen3-30B-A3B layer alone (GPU), without LoRA and
-with LoRA inside it (``moe_lora_in_gemm``): in-loop shrink ("gemm"), and the
+with LoRA inside it (``moe_lora_in_gemm``): in-loop shrink ("gemm"), the
 shrink output read in the epilogue before the K loop ("epi-early"), after
 it ("epi-late"), or one dot per slot after it, its operands read after
-("epi-slots") or before the loop ("epi-slots-e"). Each is
+("epi-slots") or before the loop ("epi-slots-e"), and the spread shrink
+output multiplied in extra K steps ("loop"). Each is
 timed with the base GEMM's tuned config and with the best of a small
 sweep, which tells whether a LoRA placement is slow in itself or only with
 the base's launch parameters.
@@ -26,7 +27,8 @@ from triton.runtime.errors import OutOfResources
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from benchmarks.kernels.timing import time_fn  # noqa: E402
-from vllm.lora.ops.triton_ops.moe_lora_in_gemm import MoELoRAGemmFusion  # noqa: E402
+from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MoELoRAGemmFusion,  # noqa: E402
+                                                        fused_width)
 from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (  # noqa: E402
     invoke_fused_moe_gemm)
 from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (  # noqa: E402
@@ -66,9 +68,16 @@ def main() -> None:
             inter = torch.randn(1, len(fa), T * k, R, device=dev)
             gemm = MoELoRAGemmFusion(slots, enabled, fb, offs, k, lora_a=fa)
             epi = MoELoRAGemmFusion(slots, enabled, fb, offs, k, inter=inter)
+            spread = torch.zeros(len(fa), T * k, fused_width(L, R), device=dev, dtype=dt)
+            for slot in range(L):  # each pair's row in its slot's columns
+                rows = (slots == slot).repeat_interleave(k)
+                spread[:, rows, slot * R:(slot + 1) * R] = inter[0][:, rows].to(dt)
+            loop = MoELoRAGemmFusion(slots, enabled, fb, offs, k, inter=spread,
+                                     inter_spread=True)
             variants = {"base": (None, False, False), "gemm": (gemm, True, False),
                         "epi-early": (epi, True, False), "epi-late": (epi, False, False),
-                        "epi-slots": (epi, False, True), "epi-slots-e": (epi, True, True)}
+                        "epi-slots": (epi, False, True), "epi-slots-e": (epi, True, True),
+                        "loop": (loop, False, False)}
             for vname, (lora, early, per_slot) in variants.items():
                 def run(c, lora=lora, a=a, w=w, out=out, gather=gather, weights=weights,
                         aligned=aligned):

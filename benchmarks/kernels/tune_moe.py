@@ -18,7 +18,9 @@ package's ``kernels/configs`` directory.
 ``--lora`` tunes, for token counts the file already has, the configs of the
 GEMMs that add LoRA in their epilogue (``w13_lora`` / ``w2_lora``; the
 entry's BLOCK_SIZE_M, ``--adapters`` slots of ``--rank``, the shrink's
-output given), from the ``lora`` space unless ``--space`` names another.
+output given), from the ``lora`` space unless ``--space`` names another;
+``--fusion loop``: GEMMs that add it as extra K steps instead (fusion
+"loop" of ``moe_lora_in_gemm``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from benchmarks.kernels.benchmark_moe_lora import SHAPES  # noqa: E402
 from benchmarks.kernels.timing import time_fn  # noqa: E402
-from vllm.lora.ops.triton_ops.moe_lora_in_gemm import MoELoRAGemmFusion  # noqa: E402
+from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (MoELoRAGemmFusion,  # noqa: E402
+                                                        fused_width)
 from vllm.model_executor.layers.fused_moe.kernels.fused_moe_gemm import (  # noqa: E402
     fused_moe_gemm_torch, invoke_fused_moe_gemm)
 from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (  # noqa: E402
@@ -137,9 +140,10 @@ def untuned_time(x, w13, cache2, w2, topk_weights, topk_ids, mode: str, device: 
 
 def tune_lora_tokens(H: int, I: int, E: int, k: int, T: int, entry: dict, L: int, R: int,
                      space: dict, dtype: torch.dtype, device: str, iters: int,
-                     mode: str) -> dict:
+                     mode: str, fusion: str = "epilogue") -> dict:
     """``entry`` plus the fastest configs of both GEMMs adding L slots of
-    rank-R LoRA in their epilogue (tokens round-robin over the slots)."""
+    rank-R LoRA in their epilogue, or as K steps (``fusion`` "loop"; tokens
+    round-robin over the slots)."""
     g = torch.Generator().manual_seed(T)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
     w13, w2 = rnd(E, 2 * I, H) * H ** -0.5, rnd(E, H, I) * I ** -0.5
@@ -152,10 +156,15 @@ def tune_lora_tokens(H: int, I: int, E: int, k: int, T: int, entry: dict, L: int
                    num_pairs_post_padded=padded, top_k=k)
     slots = torch.arange(T, dtype=torch.int32, device=device) % L
     enabled = torch.ones(L, dtype=torch.int32, device=device)
+    def shrink_out(S: int) -> torch.Tensor:
+        if fusion == "epilogue":
+            return torch.randn(S, T * k, R, device=device)
+        # random values in every column: the spread layout's zeros change no timing
+        return rnd(S, T * k, fused_width(L, R))
     loras = [MoELoRAGemmFusion(slots, enabled, [rnd(L, E, I, R) * 0.05 for _ in range(2)],
-                               [0, I], k, inter=torch.randn(2, T * k, R, device=device)),
+                               [0, I], k, inter=shrink_out(2), inter_spread=fusion == "loop"),
              MoELoRAGemmFusion(slots, enabled, [rnd(L, E, H, R) * 0.05], [0], k,
-                               inter=torch.randn(1, T * k, R, device=device))]
+                               inter=shrink_out(1), inter_spread=fusion == "loop")]
     picks = []
     for a, w, gather, weights, lora in ((x, w13, True, None, loras[0]),
                                         (cache2, w2, False, topk_weights, loras[1])):
@@ -230,6 +239,8 @@ def main() -> None:
                    help="tune the GEMMs that add LoRA (w13_lora / w2_lora)")
     p.add_argument("--adapters", type=int, default=4, help="adapter slots for --lora")
     p.add_argument("--rank", type=int, default=16, help="adapter rank for --lora")
+    p.add_argument("--fusion", default="epilogue", choices=["epilogue", "loop"],
+                   help="where the GEMMs tuned by --lora add it")
     p.set_defaults(space=None)  # quick, or lora with --lora
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -247,7 +258,7 @@ def main() -> None:
             if entry is None:
                 raise SystemExit(f"--lora: no base entry for {T} tokens; tune the base first")
             return tune_lora_tokens(H, I, E, k, T, entry, args.adapters, args.rank, space, dtype,
-                                    device, args.iters, args.mode)
+                                    device, args.iters, args.mode, args.fusion)
         tune_into_table(os.path.join(args.out, config_filename(E, H, I, dtype, device_key())),
                         args.tokens, tune)
 

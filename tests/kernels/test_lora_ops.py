@@ -16,6 +16,8 @@ from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_
 
 lora_ops = pytest.importorskip("vllm.lora.ops.triton_ops.lora_ops")
 moe_lora = pytest.importorskip("vllm.lora.ops.triton_ops.fused_moe_lora")
+fused_width = moe_lora.fused_width
+rank_block = lora_ops.rank_block
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
@@ -205,6 +207,15 @@ def test_fused_moe_lora_shrink_expand(dtype, case, gather_rows, with_weights):
                                        got if parts > 1 else got[0], block, config=config)
         check_shrink_out(got, want, written, dtype)
         outs.append(got)
+    # the spread layout the expert GEMMs' LoRA K steps read: a pair's row in
+    # its slot's columns, everything else left at zero
+    col = slots.long().repeat_interleave(k)[written] * rank_block(R)
+    want_spread = torch.zeros(S, P, fused_width(L, R), device=DEVICE)
+    for p, c in zip(written.tolist(), col.tolist()):
+        want_spread[:, p, c:c + R] = want[:, p]
+    got = torch.zeros(S, P, fused_width(L, R), dtype=dtype, device=DEVICE)
+    moe_lora.fused_moe_lora_shrink(x, lora_a, *align, k, gather_rows, got, block, spread=True)
+    torch.testing.assert_close(got.float(), want_spread, **TOL[dtype])
 
     offsets, width = slice_layout(Ns)
     weights = topk_weights if with_weights else None

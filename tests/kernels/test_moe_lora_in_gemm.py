@@ -8,6 +8,7 @@ does not write (no adapter, adapter off for the layer): the GEMM must not
 read them. Rows of pairs in no block must stay NaN."""
 import pytest
 import torch
+import triton
 
 from tests.kernels.test_lora_ops import (DTYPES, NAN, TOL, adapter_flags, factors, routing,
                                          token_slots)
@@ -46,16 +47,32 @@ def make_case(case, dtype, gather_rows, gen):
     return (topk_weights, topk_ids, slots, enabled, offsets, a, b, lora_a, lora_b, aligned)
 
 
+def spread_rows(inter, slots, enabled, top_k, L, dtype):
+    """The spread layout of a shrink output [S, T*k, R] (NaN where unwritten):
+    each pair's row in its slot's columns, zeros elsewhere and in the rows
+    of pairs without an adapter or whose adapter is off."""
+    S, P, R = inter.shape
+    width = in_gemm.fused_width(L, R)
+    out = torch.zeros(S, P, width, dtype=dtype, device=inter.device)
+    pair_slots = slots.long().repeat_interleave(top_k)
+    for p, slot in enumerate(pair_slots.tolist()):
+        if slot >= 0 and enabled[slot]:
+            col = slot * width // triton.next_power_of_2(L)
+            out[:, p, col:col + R] = inter[:, p]
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-L{c[3]}-R{c[4]}-S{len(c[5])}")
 @pytest.mark.parametrize("gather_rows,with_weights", [(True, False), (False, True)])
-@pytest.mark.parametrize("shrink_in_gemm,early,per_slot", [(True, True, False),
-                                                           (False, True, False),
-                                                           (False, False, False),
-                                                           (False, False, True),
-                                                           (False, True, True)])
+@pytest.mark.parametrize("shrink_in_gemm,early,per_slot,spread", [(True, True, False, False),
+                                                                  (False, True, False, False),
+                                                                  (False, False, False, False),
+                                                                  (False, False, True, False),
+                                                                  (False, True, True, False),
+                                                                  (False, False, False, True)])
 def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shrink_in_gemm,
-                                    early, per_slot):
+                                    early, per_slot, spread):
     T, k = case[0], case[1]
     gen = torch.Generator().manual_seed(T * 13 + case[2])
     (topk_weights, topk_ids, slots, enabled, offsets, a, b, lora_a, lora_b,
@@ -72,8 +89,11 @@ def test_lora_in_gemm_matches_torch(dtype, case, gather_rows, with_weights, shri
         half = torch.rand(inter.shape[1:], generator=gen).to(DEVICE)
         inter[1] = inter[0] * half
         inter[0] -= inter[1]
+        if spread:
+            inter = spread_rows(inter.sum(0), slots, enabled, k, lora_b[0].shape[0], dtype)
     lora = in_gemm.MoELoRAGemmFusion(slots, enabled, lora_b, offsets, k,
-                                     lora_a=lora_a if shrink_in_gemm else None, inter=inter)
+                                     lora_a=lora_a if shrink_in_gemm else None, inter=inter,
+                                     inter_spread=spread)
 
     got = torch.full((P, b.shape[1]), NAN, dtype=dtype, device=DEVICE)
     want = got.clone()

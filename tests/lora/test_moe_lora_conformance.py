@@ -25,10 +25,11 @@ LORA_BACKENDS = [c for c in all_experts_backends() if c.supports_lora()]
 
 # The Triton wrapper in each place TritonExperts can compute LoRA: shrink
 # kernels + expand in the GEMMs' epilogue ("auto" at this size), shrink and
-# expand inside the GEMMs, and separate kernels (what the quantized classes
-# always use).
+# expand inside the GEMMs, aligned shrink kernels + expand as K steps of
+# the GEMMs, and separate kernels (what the quantized classes always use).
 PUNICA = {"torch": TorchPunicaWrapper, "triton": TritonPunicaWrapper,
           "triton-gemm": functools.partial(TritonPunicaWrapper, moe_lora_fusion="gemm"),
+          "triton-loop": functools.partial(TritonPunicaWrapper, moe_lora_fusion="loop"),
           "triton-off": functools.partial(TritonPunicaWrapper, moe_lora_fusion="off")}
 
 
@@ -270,14 +271,15 @@ def test_lora_backend_conformance_cpu(cls, variant, punica, activation, slices):
 
 # One token: the Triton classes skip the alignment kernel (one_token_alignment)
 # and the Triton wrapper shrinks by pair.
+@pytest.mark.parametrize("punica", ["triton", "triton-loop"])
 @pytest.mark.parametrize("cls", [c for c in LORA_BACKENDS if c.__name__.startswith("Triton")],
                          ids=lambda c: c.__name__)
-def test_one_token_conformance_cpu(cls):
+def test_one_token_conformance_cpu(cls, punica):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU tensors needs the interpreter (on only without CUDA)")
     variant = variants(cls)[0]
     tol = 1e-3 if variant.startswith("fp8") and variant != "fp8-w8a16" else 1e-5
-    run(cls, PUNICA["triton"], MoEActivation(), 2, "cpu", torch.float32, tol, variant, T=1)
+    run(cls, PUNICA[punica], MoEActivation(), 2, "cpu", torch.float32, tol, variant, T=1)
 
 
 @pytest.mark.gpu

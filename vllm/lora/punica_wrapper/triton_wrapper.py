@@ -33,7 +33,7 @@ from vllm.model_executor.layers.fused_moe.moe_align import moe_lora_align_block_
 from vllm.triton_utils import supports_pdl
 
 
-FUSION_CHOICES = ("auto", "gemm", "epilogue", "off")
+FUSION_CHOICES = ("auto", "gemm", "epilogue", "loop", "off")
 
 # Up to this many pairs the w13 GEMM starts while the by-pair shrink runs
 # (``MoELoRAGemmFusion.inter_in_flight``) and reads the shrink rows after
@@ -53,6 +53,9 @@ class MoELoRAAlignment:
     num_pairs_post_padded: torch.Tensor | None  # [L]
     launch: MoELoRALaunch
     topk_ids: torch.Tensor                    # [T, k], local expert ids
+    # the aligned shrinks write the spread layout the GEMMs' LoRA K steps
+    # read (fusion "loop", ``MoELoRAGemmFusion.inter_spread``)
+    spread: bool = False
 
     @property
     def by_pair(self) -> bool:
@@ -64,7 +67,7 @@ class TritonPunicaWrapper(PunicaWrapperBase):
                  moe_lora_fusion: str | None = None):
         super().__init__(max_loras, device, max_num_tokens)
         # VLLM_MOE_LORA_FUSION: where experts that can compute LoRA inside their
-        # GEMMs do so (auto, gemm, epilogue or off)
+        # GEMMs do so (auto, gemm, epilogue, loop or off)
         self.moe_lora_fusion = moe_lora_fusion or envs.VLLM_MOE_LORA_FUSION
         if self.moe_lora_fusion not in FUSION_CHOICES:
             raise ValueError(f"unknown MoE LoRA fusion {self.moe_lora_fusion!r}; choose from "
@@ -112,13 +115,15 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         if mode == "gemm":
             return self._fusion(ctx, ctx.w13_lora_b, ctx.w13_slice_offsets,
                                 lora_a=ctx.w13_lora_a), None
-        alignment, inter = self._align_and_shrink_w13(ctx, x, topk_ids, launch,
-                                                      by_pair=self._by_pair(ctx, topk_ids))
+        # "loop" reads the aligned shrinks' spread rows (by pair, the shrinks write parts)
+        spread = mode == "loop"
+        by_pair = not spread and self._by_pair(ctx, topk_ids)
+        alignment, inter = self._align_and_shrink_w13(ctx, x, topk_ids, launch, by_pair, spread)
         # the by-pair shrink is the last kernel before the GEMM: it may overlap it
         overlap = (alignment.by_pair and topk_ids.numel() <= SHRINK_OVERLAP_MAX_PAIRS
                    and supports_pdl(x.device))
         return self._fusion(ctx, ctx.w13_lora_b, ctx.w13_slice_offsets, inter=inter,
-                            inter_in_flight=overlap), alignment
+                            inter_in_flight=overlap, inter_spread=spread), alignment
 
     def moe_lora_w2_shrink_in_activation(self, ctx, state, num_pairs):
         if state is None or not state.by_pair:
@@ -139,11 +144,12 @@ class TritonPunicaWrapper(PunicaWrapperBase):
             inter = activation_shrink.out
         else:
             inter = self._shrink_w2(ctx, cache2, alignment)
-        return self._fusion(ctx, [ctx.w2_lora_b], [ctx.w2_out_offset], inter=inter)
+        return self._fusion(ctx, [ctx.w2_lora_b], [ctx.w2_out_offset], inter=inter,
+                            inter_spread=alignment.spread)
 
     def _in_gemm_mode(self, ctx, launch: MoELoRALaunch, w13_width: int,
                       hidden: int) -> str | None:
-        """"gemm", "epilogue" or None (separate kernels) for this step."""
+        """"gemm", "epilogue", "loop" or None (separate kernels) for this step."""
         fusion = launch.fusion if self.moe_lora_fusion == "auto" else self.moe_lora_fusion
         if fusion == "off":
             return None
@@ -181,20 +187,22 @@ class TritonPunicaWrapper(PunicaWrapperBase):
                 and ctx.w13_shrink_combine is None and ctx.w2_shrink_combine is None)
 
     def _align_and_shrink_w13(self, ctx, x, topk_ids, launch: MoELoRALaunch,
-                              by_pair: bool = False) -> tuple[MoELoRAAlignment, torch.Tensor]:
+                              by_pair: bool = False, spread: bool = False
+                              ) -> tuple[MoELoRAAlignment, torch.Tensor]:
         if by_pair:
             alignment = MoELoRAAlignment(None, None, None, launch, topk_ids)
             return alignment, self._shrink_by_pair(ctx, x, ctx.w13_lora_a, topk_ids, True)
         block = launch.block_size_m
-        shrink = self._shrink_config(launch.w13_shrink, ctx.w13_shrink_combine)
+        shrink = self._shrink_config(launch.w13_shrink,
+                                     ctx.w13_shrink_combine is not None or spread)
         alignment = MoELoRAAlignment(*moe_lora_align_block_size(
             topk_ids, self.mapping.token_lora_slot, block, ctx.w2_lora_a.shape[1],
-            ctx.max_loras), launch, topk_ids)
-        inter = self.shrink_parts_buffer(shrink["SPLIT_K"], ctx.w13_num_slices, topk_ids.numel(),
-                                         ctx.w13_rank)
+            ctx.max_loras), launch, topk_ids, spread)
+        inter = self._shrink_buffer(shrink["SPLIT_K"], ctx.w13_num_slices, topk_ids.numel(),
+                                    ctx.w13_rank, ctx.max_loras, x.dtype, spread)
         fused_moe_lora_shrink(x, ctx.w13_lora_a, alignment.sorted_pair_ids, alignment.expert_ids,
                               alignment.num_pairs_post_padded, ctx.adapter_enabled, ctx.top_k,
-                              True, inter, block, shrink)
+                              True, inter, block, shrink, spread)
         if ctx.w13_shrink_combine is not None:
             inter = ctx.w13_shrink_combine(inter[0])
         return alignment, inter
@@ -203,12 +211,15 @@ class TritonPunicaWrapper(PunicaWrapperBase):
         if alignment.by_pair:
             return self._shrink_by_pair(ctx, cache2, [ctx.w2_lora_a], alignment.topk_ids, False)
         launch = alignment.launch
-        shrink = self._shrink_config(launch.w2_shrink, ctx.w2_shrink_combine)
-        inter = self.shrink_parts_buffer(shrink["SPLIT_K"], 1, cache2.shape[0], ctx.max_rank)
+        spread = alignment.spread
+        shrink = self._shrink_config(launch.w2_shrink,
+                                     ctx.w2_shrink_combine is not None or spread)
+        inter = self._shrink_buffer(shrink["SPLIT_K"], 1, cache2.shape[0], ctx.max_rank,
+                                    ctx.max_loras, cache2.dtype, spread)
         fused_moe_lora_shrink(cache2, [ctx.w2_lora_a], alignment.sorted_pair_ids,
                               alignment.expert_ids, alignment.num_pairs_post_padded,
                               ctx.adapter_enabled, ctx.top_k, False, inter, launch.block_size_m,
-                              shrink)
+                              shrink, spread)
         if ctx.w2_shrink_combine is not None:
             inter = ctx.w2_shrink_combine(inter[0])
         return inter
@@ -221,7 +232,16 @@ class TritonPunicaWrapper(PunicaWrapperBase):
                                       ctx.adapter_enabled, gather_rows, inter, config)
         return inter
 
+    def _shrink_buffer(self, parts: int, num_slices: int, rows: int, rank: int, max_loras: int,
+                       dtype: torch.dtype, spread: bool) -> torch.Tensor:
+        if not spread:
+            return self.shrink_parts_buffer(parts, num_slices, rows, rank)
+        # zeros: the spread layout's other slots' columns, and the rows no shrink writes
+        return torch.zeros(num_slices, rows, fused_width(max_loras, rank), dtype=dtype,
+                           device=self.device)
+
     @staticmethod
-    def _shrink_config(config: dict, combine) -> dict:
-        # a shrink combine (fully sharded LoRA) needs finished sums: no split
-        return config if combine is None else {**config, "SPLIT_K": 1}
+    def _shrink_config(config: dict, unsplit: bool) -> dict:
+        # a shrink combine (fully sharded LoRA) needs finished sums, a spread
+        # output has one writer per element: no split
+        return {**config, "SPLIT_K": 1} if unsplit else config

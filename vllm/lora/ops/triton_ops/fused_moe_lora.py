@@ -55,6 +55,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from vllm.lora.ops.triton_ops.lora_ops import (expand_add, input_precision, rank_block,
                                                shrink_block_k, shrink_parts, shrink_tile,
                                                slice_meta, slice_table, split_config)
+from vllm.lora.ops.triton_ops.moe_lora_in_gemm import fused_width
 from vllm.triton_utils import supports_pdl
 
 
@@ -83,7 +84,7 @@ def _moe_lora_shrink_kernel(
         num_pairs_post_padded_ptr, enabled_ptr,
         K, R, num_valid_pairs, stride_sorted, stride_expert_ids,
         stride_xt, stride_xk, stride_wr, stride_wk, stride_o_part, stride_os, stride_op,
-        stride_or, TOP_K: tl.constexpr, GATHER_ROWS: tl.constexpr,
+        stride_or, stride_o_slot, TOP_K: tl.constexpr, GATHER_ROWS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FACTOR_ALIGN: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -98,7 +99,7 @@ def _moe_lora_shrink_kernel(
                                 num_valid_pairs, BLOCK_SIZE_M)
     offs_r = tl.arange(0, BLOCK_R)
     out_ptrs = (out_ptr + split.to(tl.int64) * stride_o_part + s.to(tl.int64) * stride_os
-                + pairs[:, None] * stride_op + offs_r[None, :] * stride_or)
+                + slot * stride_o_slot + pairs[:, None] * stride_op + offs_r[None, :] * stride_or)
     if GATHER_ROWS:
         rows = pairs // TOP_K
     else:
@@ -355,13 +356,18 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
                           sorted_pair_ids: torch.Tensor, expert_ids: torch.Tensor,
                           num_pairs_post_padded: torch.Tensor, adapter_enabled: torch.Tensor,
                           top_k: int, gather_rows: bool, out: torch.Tensor, block_size_m: int,
-                          config: dict[str, Any] | None = None) -> None:
+                          config: dict[str, Any] | None = None, spread: bool = False) -> None:
     """``out[s, p] = x[row(p)] @ lora_a[s][slot, e].T`` for every aligned pair
     p of slot ``slot`` and expert e whose adapter is enabled, with
     ``row(p) = p // top_k`` when ``gather_rows`` (x ``[T, K]``) else p
     (x ``[T*k, K]``); ``lora_a[s]`` is ``[L, E, R, K]`` and out
     ``[S, T*k, R]`` float32, or ``[SPLIT_K, S, T*k, R]``: partial sums over K
-    that add up to it. Other rows of out are not touched."""
+    that add up to it. Other rows of out are not touched.
+
+    ``spread``: out is ``[S, T*k, fused_width(L, R)]`` in x's dtype and the
+    pair's R values go to its slot's columns, ``slot * rank_block(R)`` on
+    (the input of the expert GEMM's LoRA K steps, ``MoELoRAGemmFusion.
+    inter_spread``); the caller zeroes out first. No split K."""
     L, block = _check_alignment(sorted_pair_ids, expert_ids, num_pairs_post_padded,
                                 adapter_enabled, block_size_m)
     S = len(lora_a)
@@ -374,9 +380,18 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
     num_valid_pairs = out.shape[-2]
     if x.shape[0] * (top_k if gather_rows else 1) != num_valid_pairs:
         raise ValueError(f"x has {x.shape[0]} rows for {num_valid_pairs} pairs, top_k {top_k}")
-    parts = shrink_parts(out, (S, num_valid_pairs, R))
     if x.dtype != w0.dtype:
         raise ValueError(f"x is {x.dtype} but the factors are {w0.dtype}")
+    if spread:
+        width = fused_width(w0.shape[0], R)
+        if out.shape != (S, num_valid_pairs, width) or out.dtype != x.dtype:
+            raise ValueError(f"the spread shrink output must be {x.dtype} [{S}, "
+                             f"{num_valid_pairs}, {width}], got {out.dtype} {list(out.shape)}")
+        parts, stride_slot = out.unsqueeze(0), rank_block(R) * out.stride(2)
+        if config is not None and config["SPLIT_K"] != 1:
+            raise ValueError("a spread shrink output takes no split K")
+    else:
+        parts, stride_slot = shrink_parts(out, (S, num_valid_pairs, R)), 0
     config = split_config(
         config, lambda: moe_lora_shrink_config(num_valid_pairs, K, R, block, w0.dtype), parts)
     split_k = config["SPLIT_K"]
@@ -385,8 +400,8 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
         x, w0, table, parts, sorted_pair_ids, expert_ids, num_pairs_post_padded,
         adapter_enabled, K, R, num_valid_pairs, sorted_pair_ids.stride(0),
         expert_ids.stride(0), x.stride(0), x.stride(1), stride_wr, stride_wk, *parts.stride(),
-        TOP_K=top_k, GATHER_ROWS=gather_rows, INPUT_PRECISION=input_precision(w0.dtype),
-        BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
+        stride_slot, TOP_K=top_k, GATHER_ROWS=gather_rows,
+        INPUT_PRECISION=input_precision(w0.dtype), BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
         SPLIT_K=split_k, FACTOR_ALIGN=align, num_warps=config["num_warps"],
         num_stages=config["num_stages"])
 

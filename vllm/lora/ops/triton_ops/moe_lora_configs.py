@@ -8,7 +8,8 @@ the alignment block and the shrink / expand configs of both projections::
     {"64": {"block_size_m": 16, "w13": {"shrink": {...}, "expand": {...}}, "w2": {...}}}
 
 An entry may also name where the Triton experts compute LoRA for that many
-tokens, ``"fusion": "gemm" | "epilogue" | "off"`` (see ``moe_lora_in_gemm``).
+tokens, ``"fusion": "gemm" | "epilogue" | "loop" | "off"`` (see
+``moe_lora_in_gemm``).
 The entry of the nearest token count is used; without a file, the
 heuristics next to the kernels.
 """
@@ -33,7 +34,7 @@ from vllm.model_executor.layers.fused_moe.kernels.tuned_configs import (device_k
 class MoELoRALaunch:
     """The alignment block and the four kernel configs of one layer's step
     (block and shrinks serve the expand-in-GEMM path too), and where LoRA
-    is computed: "gemm", "epilogue" or "off" (separate kernels)."""
+    is computed: "gemm", "epilogue", "loop" or "off" (separate kernels)."""
     block_size_m: int
     w13_shrink: dict[str, Any]
     w13_expand: dict[str, Any]

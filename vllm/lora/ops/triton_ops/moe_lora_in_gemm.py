@@ -25,8 +25,17 @@ runs with are masked in the loads: they cost MMA width, not bytes.
   (``fused_moe_lora_shrink``, with its own slot alignment) and the epilogue
   reads its ``[SPLIT_K, S, T*k, R]`` output: one row of R floats per pair
   instead of a read-modify-write pass over the GEMM output.
+- fusion "loop" (``inter`` given, ``inter_spread``): the aligned shrink
+  wrote each pair's row into its slot's columns of ``[S, T*k, L*R]`` (zeros
+  elsewhere), which is the ``t`` below already; the K loop runs
+  ``cdiv(L*R, BLOCK_K)`` more steps that multiply those columns by the
+  side-by-side B rows (LORA_MODE 3, ``lora_loop_step``). The factor tiles
+  then go through the loop's software pipeline, issued stages ahead like
+  the weight tiles, where the epilogue waits a round trip for them after
+  the loop with one program per SM at the widest tiles. No flags, slots
+  or reductions: the zeros select.
 
-Either way the epilogue forms ``t [BLOCK_M, L*R]`` and adds
+In the first two the epilogue forms ``t [BLOCK_M, L*R]`` and adds
 ``t @ B_tile [L*R, BLOCK_N]`` in fp32 to the accumulator, so bias and
 routing weight apply to base and delta alike and the sum is rounded once.
 Blocks of 64 rows and more (``LORA_PER_SLOT``, shrink done) add one
@@ -87,6 +96,11 @@ class MoELoRAGemmFusion:
     top_k: int
     lora_a: list[torch.Tensor] | None = None  # per slice [L, E, R, K]
     inter: torch.Tensor | None = None       # [SPLIT_K, S, T*k, R] or [S, T*k, R] fp32
+    # ``inter`` is [S, T*k, fused_width] in the factors' dtype instead: each
+    # pair's shrink in its slot's columns, zeros elsewhere and in the rows of
+    # pairs without an adapter or whose adapter skips the layer; the GEMM
+    # adds the expand as extra K steps (``lora_loop_step``)
+    inter_spread: bool = False
     # ``inter`` is written by the kernel launched just before the GEMM, which
     # then starts early and waits for it (see the module docstring)
     inter_in_flight: bool = False
@@ -131,7 +145,7 @@ NO_LORA_KERNEL_ARGS: Mapping[str, Any] = MappingProxyType(dict(
     lora_rank=0, stride_lar=0, stride_lak=0, stride_lbn=0, stride_lbr=0, stride_li_part=0,
     stride_li_s=0, stride_li_p=0, stride_li_r=0, LORA_MODE=0, LORA_EARLY=False,
     LORA_PER_SLOT=False, LORA_WAIT=False, LORA_NUM_SLICES=1, LORA_SPLIT_K=1, LORA_BLOCK_L=1,
-    LORA_BLOCK_R=16, LORA_PRECISION="ieee", LORA_FACTOR_ALIGN=1))
+    LORA_BLOCK_R=16, LORA_PRECISION="ieee", LORA_FACTOR_ALIGN=1, LORA_STEPS=0))
 
 
 def lora_early_default(block_m: int) -> bool:
@@ -151,13 +165,15 @@ def lora_per_slot_default(block_m: int) -> bool:
 
 
 def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: int,
-                     N: int, early: bool, per_slot: bool) -> dict[str, Any]:
+                     N: int, block_k: int, early: bool, per_slot: bool) -> dict[str, Any]:
     """The LoRA arguments of ``_fused_moe_gemm_kernel`` (LORA_MODE 1: shrink
-    in the K loop, 2: shrink output read in the epilogue), after checking
-    that the factors fit the GEMM's input ``a`` and N output columns.
-    ``early``: LORA_EARLY (always with the shrink in the loop; with
-    ``per_slot`` every operand but the factor tiles); ``per_slot``:
-    LORA_PER_SLOT (epilogue only)."""
+    in the K loop, 2: shrink output read in the epilogue, 3: spread shrink
+    output multiplied in extra K steps), after checking that the factors fit
+    the GEMM's input ``a`` and N output columns.
+    ``block_k``: the GEMM's BLOCK_SIZE_K (mode 3 runs ``L*R / block_k``
+    more steps); ``early``: LORA_EARLY (always with the shrink in the loop;
+    with ``per_slot`` every operand but the factor tiles); ``per_slot``:
+    LORA_PER_SLOT (mode 2 only)."""
     if (lora.lora_a is None) == (lora.inter is None):
         raise ValueError("give exactly one of lora_a (shrink in the GEMM) and inter")
     b_table, (stride_bn, stride_br), b_align = slice_table(lora.lora_b, 2, lora.slice_offsets)
@@ -197,6 +213,18 @@ def lora_kernel_args(lora: MoELoRAGemmFusion, a: torch.Tensor, num_valid_pairs: 
         return dict(args, lora_a0_ptr=a0, lora_a_meta_ptr=a_table, stride_lar=stride_ar,
                     stride_lak=stride_ak, LORA_MODE=1, LORA_EARLY=True,
                     LORA_FACTOR_ALIGN=min(a_align, b_align))
+    if lora.inter_spread:
+        width = fused_width(L, R)
+        if lora.inter_in_flight:
+            raise ValueError("a spread shrink output cannot be in flight")
+        if lora.inter.shape != (S, num_valid_pairs, width) or lora.inter.dtype != b0.dtype or \
+                lora.inter.stride(2) != 1:
+            raise ValueError(f"the spread shrink output must be {b0.dtype} [{S}, "
+                             f"{num_valid_pairs}, {width}] with contiguous rows, got "
+                             f"{lora.inter.dtype} {list(lora.inter.shape)}")
+        return dict(args, lora_inter_ptr=lora.inter, stride_li_s=lora.inter.stride(0),
+                    stride_li_p=lora.inter.stride(1), LORA_MODE=3, LORA_EARLY=False,
+                    LORA_STEPS=triton.cdiv(width, block_k))
     parts = shrink_parts(lora.inter, (S, num_valid_pairs, R))
     return dict(args, lora_inter_ptr=parts, stride_li_part=parts.stride(0),
                 stride_li_s=parts.stride(1), stride_li_p=parts.stride(2),
@@ -465,6 +493,52 @@ def lora_add_per_slot(acc, row_slot, slot_bits, b_ptr, stride_bl, n_in, n_ok, t,
     return acc
 
 
+@triton.jit
+def lora_loop_operands(b0_ptr, b_meta_ptr, inter_ptr, expert, pair, offs_n, n_mask, stride_i_s,
+                       stride_i_p, stride_bn, NUM_SLICES: tl.constexpr,
+                       FACTOR_ALIGN: tl.constexpr):
+    """What the LoRA K steps (``lora_loop_step``) read from: -> (the block's
+    rows of the spread shrink output of the column block's slice, the
+    slice's B factor of the block's expert, its slot stride, each output
+    column's offset in it, the columns' mask)."""
+    s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(
+        b_meta_ptr, offs_n, b0_ptr, NUM_SLICES, FACTOR_ALIGN)
+    n_in = offs_n - col_off
+    n_ok = n_mask & (n_in >= 0) & (n_in < n_s) & in_slice
+    return (inter_ptr + s * stride_i_s + pair * stride_i_p, b_ptr + expert * stride_be,
+            stride_bl, n_in * stride_bn, n_ok)
+
+
+@triton.jit
+def lora_loop_step(kb, num_k_blocks, K, a_rows, stride_ak, pair_mask, b_ptr, stride_bk,
+                   b_cols, n_mask, t_rows, f_ptr, stride_bl, f_cols, f_col_mask, num_slots, R,
+                   stride_br, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    """Pointers and masks of K step ``kb``'s tiles: the weights' while
+    ``kb < num_k_blocks``, then the spread shrink rows' columns
+    ``[j * BLOCK_K, (j + 1) * BLOCK_K)`` (j = kb - num_k_blocks) and the
+    side-by-side B rows that match them (column c = slot * BLOCK_R + rank).
+    The LoRA delta so joins the pipelined loop, its loads issued stages
+    ahead like the weights', instead of a round trip after it. Both tiles
+    are chosen as a row and a column vector (``a_rows``, ``b_cols``: the
+    weights' base pointers and offsets per row / column), so no second
+    pointer tile stays live across the loop."""
+    lora = kb >= num_k_blocks
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    c = k - num_k_blocks * BLOCK_K
+    slot = c // BLOCK_R
+    r = c % BLOCK_R
+    a_ptrs = (tl.where(lora, t_rows, a_rows)[:, None]
+              + tl.where(lora, c, k * stride_ak)[None, :])
+    a_mask = pair_mask[:, None] & tl.where(lora, c < BLOCK_L * BLOCK_R, k < K)[None, :]
+    b_ptrs = (tl.where(lora, f_ptr, b_ptr)
+              + tl.where(lora, slot * stride_bl + r * stride_br, k * stride_bk)[:, None]
+              + tl.where(lora, f_cols, b_cols)[None, :])
+    b_mask = (tl.where(lora, (slot < num_slots) & (r < R), k < K)[:, None]
+              & tl.where(lora, f_col_mask, n_mask)[None, :])
+    return a_ptrs, a_mask, b_ptrs, b_mask
+
+
 def moe_lora_gemm_delta_torch(lora: MoELoRAGemmFusion, a: torch.Tensor, pairs: torch.Tensor,
                               expert: int, gather_rows: bool, N: int) -> torch.Tensor:
     """Reference of what the kernel adds for ``pairs`` of ``expert``:
@@ -473,7 +547,9 @@ def moe_lora_gemm_delta_torch(lora: MoELoRAGemmFusion, a: torch.Tensor, pairs: t
     slots = lora.token_lora_slot.long()[pairs // lora.top_k]
     enabled = lora.adapter_enabled.bool()
     slots = torch.where(enabled[slots.clamp(min=0)] & (slots >= 0), slots, -1)
-    if lora.inter is not None:
+    if lora.inter_spread:
+        inter = lora.inter.float()
+    elif lora.inter is not None:
         S = len(lora.lora_b)
         inter = shrink_parts(lora.inter, (S, lora.inter.shape[-2], lora.rank)).sum(0)
     for slot in slots.unique().tolist():
@@ -484,6 +560,9 @@ def moe_lora_gemm_delta_torch(lora: MoELoRAGemmFusion, a: torch.Tensor, pairs: t
             if lora.lora_a is not None:
                 rows = pairs[sel] // lora.top_k if gather_rows else pairs[sel]
                 t = a[rows].float() @ lora.lora_a[s][slot, expert].float().T
+            elif lora.inter_spread:
+                col = slot * rank_block(lora.rank)
+                t = inter[s, pairs[sel], col:col + lora.rank]
             else:
                 t = inter[s, pairs[sel]]
             rows_out = torch.nonzero(sel).squeeze(1)

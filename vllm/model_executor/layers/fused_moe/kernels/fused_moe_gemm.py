@@ -19,6 +19,7 @@ from triton.language.extra.cuda import gdc_wait
 from vllm.lora.ops.triton_ops.moe_lora_in_gemm import (NO_LORA_KERNEL_ARGS, MoELoRAGemmFusion,
                                                         fusion_block_n, lora_add_per_slot,
                                                         lora_early_default, lora_kernel_args,
+                                                        lora_loop_operands, lora_loop_step,
                                                         lora_operands, lora_per_slot_default,
                                                         lora_per_slot_operands,
                                                         lora_shrink_factor_tile,
@@ -45,7 +46,7 @@ def _fused_moe_gemm_kernel(
         LORA_EARLY: tl.constexpr, LORA_PER_SLOT: tl.constexpr, LORA_WAIT: tl.constexpr,
         LORA_NUM_SLICES: tl.constexpr, LORA_SPLIT_K: tl.constexpr, LORA_BLOCK_L: tl.constexpr,
         LORA_BLOCK_R: tl.constexpr, LORA_PRECISION: tl.constexpr,
-        LORA_FACTOR_ALIGN: tl.constexpr):
+        LORA_FACTOR_ALIGN: tl.constexpr, LORA_STEPS: tl.constexpr):
     active, expert, pair, pair_mask, row, offs_n, n_mask = moe_tile(
         tl.program_id(0), num_padded_pairs, num_pairs_post_padded_ptr, expert_ids_ptr,
         sorted_pair_ids_ptr, num_valid_pairs, TOP_K, N, GATHER_ROWS, BLOCK_SIZE_M, BLOCK_SIZE_N,
@@ -64,7 +65,7 @@ def _fused_moe_gemm_kernel(
                 stride_li_part, stride_li_s, stride_li_p, stride_li_r, LORA_NUM_SLICES,
                 LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R, not LORA_WAIT,
                 LORA_FACTOR_ALIGN)
-    elif LORA_MODE != 0 and LORA_EARLY:
+    elif (LORA_MODE == 1 or LORA_MODE == 2) and LORA_EARLY:
         (row_slot, lora_enabled, lora_mask, lora_a_ptr, stride_lal, lora_b, lora_acc,
          lora_s) = lora_operands(
             lora_slot_ptr, lora_enabled_ptr, lora_a0_ptr, lora_a_meta_ptr, lora_b0_ptr,
@@ -72,16 +73,31 @@ def _fused_moe_gemm_kernel(
             TOP_K, offs_n, n_mask, stride_lbn, stride_lbr, stride_li_part, stride_li_s,
             stride_li_p, stride_li_r, LORA_MODE, LORA_NUM_SLICES, LORA_SPLIT_K, BLOCK_SIZE_M,
             LORA_BLOCK_L, LORA_BLOCK_R, not LORA_WAIT, LORA_FACTOR_ALIGN)
+    elif LORA_MODE == 3:
+        lora_rows, lora_f_ptr, stride_lbl, lora_f_cols, lora_n_ok = lora_loop_operands(
+            lora_b0_ptr, lora_b_meta_ptr, lora_inter_ptr, expert, pair, offs_n, n_mask,
+            stride_li_s, stride_li_p, stride_lbn, LORA_NUM_SLICES, LORA_FACTOR_ALIGN)
 
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :] * stride_ak
     # B[e] is [N, K]; reading it as a K x N tile computes a @ B[e].T.
     b_ptrs = (b_ptr + expert * stride_be + offs_k[:, None] * stride_bk
               + offs_n[None, :] * stride_bn)
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        k_left = K - kb * BLOCK_SIZE_K
-        a = tl.load(a_ptrs, mask=pair_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
+    num_k_blocks = tl.cdiv(K, BLOCK_SIZE_K)
+    # LORA_STEPS (mode 3): the LoRA expand as K steps after the weights'
+    for kb in range(0, num_k_blocks + LORA_STEPS):
+        if LORA_MODE == 3:
+            a_src, a_mask, b_src, b_mask = lora_loop_step(
+                kb, num_k_blocks, K, a_ptr + row * stride_am, stride_ak, pair_mask,
+                b_ptr + expert * stride_be, stride_bk, offs_n * stride_bn, n_mask, lora_rows,
+                lora_f_ptr, stride_lbl, lora_f_cols, lora_n_ok, lora_num_slots, lora_rank,
+                stride_lbr, BLOCK_SIZE_K, LORA_BLOCK_L, LORA_BLOCK_R)
+        else:
+            k_left = K - kb * BLOCK_SIZE_K
+            a_src, a_mask = a_ptrs, pair_mask[:, None] & (offs_k[None, :] < k_left)
+            b_src, b_mask = b_ptrs, (offs_k[:, None] < k_left) & n_mask[None, :]
+        a = tl.load(a_src, mask=a_mask, other=0.0)
+        b = tl.load(b_src, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if LORA_MODE == 1:
             lora_a = lora_shrink_factor_tile(lora_a_ptr, stride_lal, lora_mask,
@@ -93,7 +109,7 @@ def _fused_moe_gemm_kernel(
 
     if LORA_WAIT:
         gdc_wait()
-    if LORA_MODE != 0 and not LORA_EARLY:
+    if (LORA_MODE == 1 or LORA_MODE == 2) and not LORA_EARLY:
         if LORA_PER_SLOT:
             row_slot, lora_bits, lora_b_ptr, stride_lbl, lora_n, lora_n_ok, lora_s, lora_t = \
                 lora_per_slot_operands(
@@ -123,7 +139,7 @@ def _fused_moe_gemm_kernel(
         acc = lora_add_per_slot(acc, row_slot, lora_bits, lora_b_ptr, stride_lbl, lora_n,
                                 lora_n_ok, lora_t, lora_rank, stride_lbn, stride_lbr,
                                 LORA_BLOCK_L, LORA_BLOCK_R, LORA_PRECISION)
-    elif LORA_MODE != 0:
+    elif LORA_MODE == 1 or LORA_MODE == 2:
         acc = lora_side_by_side_delta(acc, lora_acc, row_slot, lora_enabled, lora_b, LORA_MODE,
                                       BLOCK_SIZE_M, LORA_BLOCK_L, LORA_BLOCK_R, LORA_PRECISION)
     moe_tile_store(acc, c_ptr, bias_ptr, topk_weights_ptr, expert, pair, pair_mask, offs_n, n_mask,
@@ -206,7 +222,7 @@ def invoke_fused_moe_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     if lora is None:
         lora_args = NO_LORA_KERNEL_ARGS
     else:
-        lora_args = lora_kernel_args(lora, a, num_valid_pairs, N,
+        lora_args = lora_kernel_args(lora, a, num_valid_pairs, N, config["BLOCK_SIZE_K"],
                                      config.get("lora_early", lora_early_default(block_m)),
                                      config.get("lora_per_slot", lora_per_slot_default(block_m)))
         block_n = fusion_block_n(lora, block_n, N)
