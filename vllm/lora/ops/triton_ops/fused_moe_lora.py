@@ -401,9 +401,9 @@ def fused_moe_lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor],
         adapter_enabled, K, R, num_valid_pairs, sorted_pair_ids.stride(0),
         expert_ids.stride(0), x.stride(0), x.stride(1), stride_wr, stride_wk, *parts.stride(),
         stride_slot, TOP_K=top_k, GATHER_ROWS=gather_rows,
-        INPUT_PRECISION=input_precision(w0.dtype), BLOCK_SIZE_M=block, BLOCK_R=rank_block(R), BLOCK_K=config["BLOCK_SIZE_K"],
-        SPLIT_K=split_k, FACTOR_ALIGN=align, num_warps=config["num_warps"],
-        num_stages=config["num_stages"])
+        INPUT_PRECISION=input_precision(w0.dtype), BLOCK_SIZE_M=block, BLOCK_R=rank_block(R),
+        BLOCK_K=config["BLOCK_SIZE_K"], SPLIT_K=split_k, FACTOR_ALIGN=align,
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
 def fused_moe_lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor],
