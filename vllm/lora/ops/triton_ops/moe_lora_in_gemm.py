@@ -347,16 +347,18 @@ def lora_shrink_factor_tile(a_ptr, stride_al, factor_mask, k0, K, stride_ar, str
 @triton.jit
 def lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_part, stride_s, stride_p,
                      stride_r, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     BLOCK_R: tl.constexpr, LOAD: tl.constexpr):
     """The finished shrink of the block's pairs, [BLOCK_M, BLOCK_R] fp32 (the
     SPLIT_K parts added up), whatever their slot: rows without an adapter
-    are unwritten and must be selected away."""
+    are unwritten and must be selected away. Zeros without LOAD (the shrink
+    is still running: the caller loads the rows once it is done)."""
     offs_r = tl.arange(0, BLOCK_R)
     ptrs = inter_ptr + s * stride_s + pair[:, None] * stride_p + offs_r[None, :] * stride_r
     mask = pair_mask[:, None] & (offs_r < R)[None, :]
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for part in tl.static_range(SPLIT_K):
-        t += tl.load(ptrs + part * stride_part, mask=mask, other=0.0)
+    if LOAD:
+        for part in tl.static_range(SPLIT_K):
+            t += tl.load(ptrs + part * stride_part, mask=mask, other=0.0)
     return t
 
 
@@ -412,11 +414,8 @@ def lora_operands(slot_ptr, enabled_ptr, a0_ptr, a_meta_ptr, b0_ptr, b_meta_ptr,
         factor_mask = lora_factor_mask(slot, in_slice, num_slots, R, BLOCK_L, BLOCK_R)
         a_ptr = b_ptr
         stride_al = stride_bl
-        if SHRINK_ROWS:
-            t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
-                                 stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
-        else:
-            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
+                             stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R, SHRINK_ROWS)
     b = lora_expand_factor_tile(factor_mask, b_ptr, stride_bl, col_off, n_s, offs_n, n_mask,
                                 stride_bn, stride_br, BLOCK_L, BLOCK_R)
     return row_slot, enabled, factor_mask, a_ptr, stride_al, b, t, s
@@ -456,11 +455,8 @@ def lora_per_slot_operands(slot_ptr, enabled_ptr, b0_ptr, b_meta_ptr, inter_ptr,
                                     BLOCK_L)
     s, in_slice, b_ptr, stride_bl, stride_be, n_s, col_off = lora_slice(
         b_meta_ptr, offs_n, b0_ptr, NUM_SLICES, FACTOR_ALIGN)
-    if SHRINK_ROWS:
-        t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s,
-                             stride_i_p, stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R)
-    else:
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    t = lora_shrink_rows(inter_ptr, s, pair, pair_mask, R, stride_i_part, stride_i_s, stride_i_p,
+                         stride_i_r, SPLIT_K, BLOCK_M, BLOCK_R, SHRINK_ROWS)
     row_slot, slot_bits = lora_slot_bits(slot, enabled, BLOCK_L)
     n_in = offs_n - col_off
     n_ok = n_mask & (n_in >= 0) & (n_in < n_s)

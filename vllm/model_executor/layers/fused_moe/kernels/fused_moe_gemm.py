@@ -130,7 +130,7 @@ def _fused_moe_gemm_kernel(
     elif LORA_WAIT:  # early operands, the shrink rows only now that the shrink is done
         lora_rows = lora_shrink_rows(lora_inter_ptr, lora_s, pair, pair_mask, lora_rank,
                                      stride_li_part, stride_li_s, stride_li_p, stride_li_r,
-                                     LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_R)
+                                     LORA_SPLIT_K, BLOCK_SIZE_M, LORA_BLOCK_R, True)
         if LORA_PER_SLOT:
             lora_t = lora_rows.to(lora_b0_ptr.dtype.element_ty)
         else:
