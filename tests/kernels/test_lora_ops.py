@@ -216,6 +216,12 @@ def test_fused_moe_lora_shrink_expand(dtype, case, gather_rows, with_weights):
     got = torch.zeros(S, P, fused_width(L, R), dtype=dtype, device=DEVICE)
     moe_lora.fused_moe_lora_shrink(x, lora_a, *align, k, gather_rows, got, block, spread=True)
     torch.testing.assert_close(got.float(), want_spread, **TOL[dtype])
+    with pytest.raises(ValueError, match="no split K"):  # one writer per element
+        moe_lora.fused_moe_lora_shrink(x, lora_a, *align, k, gather_rows, got, block,
+                                       config=split, spread=True)
+    with pytest.raises(ValueError, match="spread shrink output"):
+        moe_lora.fused_moe_lora_shrink(x, lora_a, *align, k, gather_rows, got[..., :R], block,
+                                       spread=True)
 
     offsets, width = slice_layout(Ns)
     weights = topk_weights if with_weights else None

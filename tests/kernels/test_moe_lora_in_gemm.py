@@ -203,6 +203,14 @@ def test_lora_in_gemm_argument_checks():
     short = in_gemm.MoELoRAGemmFusion(slots[:3], enabled, lora_b, offsets, 2, lora_a=lora_a)
     with pytest.raises(ValueError, match="token slots"):
         gemm.invoke_fused_moe_gemm(a, b, c, lora=short, **aligned)
+    # a spread shrink output is [S, T*k, L*R] in the factors' dtype, rows contiguous
+    for bad in (torch.zeros(1, 12, 8, device=DEVICE),                       # rank-wide rows
+                torch.zeros(1, 12, 64, device=DEVICE)[:, :, ::2],           # strided columns
+                torch.zeros(1, 12, 32, device=DEVICE, dtype=torch.float16)):  # dtype
+        spread = in_gemm.MoELoRAGemmFusion(slots, enabled, lora_b, offsets, 2, inter=bad,
+                                           inter_spread=True)
+        with pytest.raises(ValueError, match="spread shrink output"):
+            gemm.invoke_fused_moe_gemm(a, b, c, lora=spread, **aligned)
 
 
 def test_fusion_choice():
