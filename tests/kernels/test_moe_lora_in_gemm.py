@@ -8,7 +8,6 @@ does not write (no adapter, adapter off for the layer): the GEMM must not
 read them. Rows of pairs in no block must stay NaN."""
 import pytest
 import torch
-import triton
 
 from tests.kernels.test_lora_ops import (DTYPES, NAN, TOL, adapter_flags, factors, routing,
                                          token_slots)
@@ -52,12 +51,11 @@ def spread_rows(inter, slots, enabled, top_k, L, dtype):
     each pair's row in its slot's columns, zeros elsewhere and in the rows
     of pairs without an adapter or whose adapter is off."""
     S, P, R = inter.shape
-    width = in_gemm.fused_width(L, R)
-    out = torch.zeros(S, P, width, dtype=dtype, device=inter.device)
+    out = torch.zeros(S, P, in_gemm.fused_width(L, R), dtype=dtype, device=inter.device)
     pair_slots = slots.long().repeat_interleave(top_k)
     for p, slot in enumerate(pair_slots.tolist()):
         if slot >= 0 and enabled[slot]:
-            col = slot * width // triton.next_power_of_2(L)
+            col = slot * in_gemm.rank_block(R)
             out[:, p, col:col + R] = inter[:, p]
     return out
 

@@ -270,7 +270,7 @@ def test_lora_backend_conformance_cpu(cls, variant, punica, activation, slices):
 
 
 # One token: the Triton classes skip the alignment kernel (one_token_alignment)
-# and the Triton wrapper shrinks by pair.
+# and the Triton wrapper shrinks by pair ("loop" aligns its shrinks all the same).
 @pytest.mark.parametrize("punica", ["triton", "triton-loop"])
 @pytest.mark.parametrize("cls", [c for c in LORA_BACKENDS if c.__name__.startswith("Triton")],
                          ids=lambda c: c.__name__)
